@@ -1,0 +1,1 @@
+"""Reading training data: text files now, webdataset token shards next."""

@@ -1,0 +1,1 @@
+"""Launching runs: torchrun on one or many nodes, SLURM batch jobs."""

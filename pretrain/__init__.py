@@ -1,0 +1,1 @@
+"""Model, training loop, checkpoints and metrics."""

@@ -1,0 +1,247 @@
+"""The run configuration: one typed tree, loaded from YAML files and `key=value` overrides.
+
+Every key a user can set is a dataclass field below, and its `help` text is the reference
+(`foundry train --help` prints it). Files compose left to right, then overrides win:
+
+    foundry train configs/models/tiny.yaml configs/quickstart.yaml train.lr=1e-3
+
+An unknown key, a value of the wrong type or an inconsistent combination is a `ConfigError`
+with a one-line message that names the key and the fix, raised before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.text import corpus_files
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key and the fix."""
+
+
+def _help(default: Any, text: str) -> Any:
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+# The default corpus exists on every machine: the source of the running Python's standard library.
+def _stdlib() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+OmegaConf.register_resolver("stdlib", _stdlib, replace=True)
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1-style RoPE frequency scaling (long-context extension)."""
+
+    factor: float = _help(8.0, "divide low frequencies by this factor")
+    low_freq_factor: float = _help(1.0, "wavelengths above original_max_seq_len/low_freq_factor are scaled")
+    high_freq_factor: float = _help(4.0, "wavelengths below original_max_seq_len/high_freq_factor are kept")
+    original_max_seq_len: int = _help(8192, "context length of the unscaled pretraining run")
+
+
+@dataclass
+class ModelConfig:
+    """Llama architecture. The presets in configs/models/ hold the published values."""
+
+    vocab_size: int = _help(512, "embedding rows; must cover every token id of the tokenizer")
+    hidden_size: int = _help(64, "model width d_model")
+    num_layers: int = _help(4, "transformer blocks")
+    num_heads: int = _help(4, "query heads; hidden_size must be divisible by it")
+    num_kv_heads: int = _help(2, "key/value heads (grouped-query attention); divides num_heads")
+    ffn_hidden_size: int = _help(192, "SwiGLU inner width")
+    rope_theta: float = _help(10000.0, "RoPE base period")
+    rope_scaling: Optional[RopeScalingConfig] = _help(None, "Llama-3 RoPE scaling; null for none")
+    norm_eps: float = _help(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = _help(False, "share the input embedding with the output head")
+    max_seq_len: int = _help(2048, "longest sequence the model is built for (RoPE table length)")
+    init_std: float = _help(0.02, "std of the normal init; residual projections get init_std/sqrt(2*num_layers)")
+
+
+@dataclass
+class ParallelConfig:
+    """How the work is split across processes. Data parallelism takes every process."""
+
+    zero_stage: int = _help(1, "DeepSpeed ZeRO stage 0-3: what is partitioned across data-parallel ranks")
+
+
+@dataclass
+class DataConfig:
+    """What the model reads."""
+
+    corpus: str = _help("${stdlib:}", "a text file or a directory searched for `pattern`; default: Python's stdlib")
+    pattern: str = _help("**/*.py", "glob of files to read inside a corpus directory")
+    exclude: list[str] = _help(
+        ["site-packages/*", "dist-packages/*"], "globs (relative to corpus) of files to skip; the defaults keep "
+        "third-party packages installed inside the stdlib directory out of the default corpus"
+    )
+    seq_len: int = _help(256, "tokens per training sequence")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Batch sizes are in sequences; the layout never changes the maths."""
+
+    seed: int = _help(1234, "seed for weights and data order")
+    max_steps: int = _help(100, "optimizer steps to run")
+    global_batch_size: int = _help(16, "sequences per optimizer step, summed over data-parallel ranks")
+    micro_batch_size: int = _help(4, "sequences per forward pass on one rank; accumulation fills the rest")
+    lr: float = _help(3e-4, "peak learning rate")
+    min_lr_ratio: float = _help(0.1, "cosine decay ends at lr * min_lr_ratio")
+    warmup_steps: int = _help(10, "linear warm-up steps from 0 to lr")
+    weight_decay: float = _help(0.1, "AdamW decoupled weight decay on matrices (not on norms)")
+    betas: list[float] = _help([0.9, 0.95], "AdamW betas")
+    eps: float = _help(1e-8, "AdamW epsilon")
+    grad_clip: float = _help(1.0, "clip the global gradient norm to this; 0 turns clipping off")
+    precision: str = _help("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    run_dir: str = _help("runs/default", "where the resolved config, metrics and checkpoints go")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    interval: int = _help(0, "save every this many steps (0: only at the end)")
+    resume: bool = _help(True, "continue from the latest checkpoint in run_dir when there is one")
+
+
+@dataclass
+class TrackingConfig:
+    """What is reported and how often."""
+
+    log_interval: int = _help(10, "log loss, lr, grad norm, tokens/s and MFU every this many steps")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = _help(ModelConfig(), "the Llama model")
+    parallel: ParallelConfig = _help(ParallelConfig(), "the process layout")
+    data: DataConfig = _help(DataConfig(), "the training data")
+    train: TrainConfig = _help(TrainConfig(), "optimisation")
+    checkpoint: CheckpointConfig = _help(CheckpointConfig(), "checkpoints")
+    tracking: TrackingConfig = _help(TrackingConfig(), "logging")
+
+
+def load_config(files: list[str], overrides: list[str]) -> RunConfig:
+    """Merge YAML `files` (in order) and dotlist `overrides` onto the schema, then validate."""
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        for path in files:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} not found: pass an existing YAML file (see configs/)")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not key=value: write it as e.g. train.lr=3e-4")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    first = str(e).splitlines()[0]
+    if type(e).__name__ in ("ConfigKeyError", "ConfigAttributeError") and "not in" in first:
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"unknown config key '{key}': check its spelling; valid keys are listed by `foundry train --help`" + (
+            f" under [{section}]" if section else ""
+        )
+    return f"bad value for config key '{key}': {first}"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check what a single field's type cannot: ranges and relations between keys."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers,
+        "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
+        "model.ffn_hidden_size": m.ffn_hidden_size, "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len, "train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "train.lr": t.lr, "tracking.log_interval": cfg.tracking.log_interval,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive: set it to a value > 0")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
+            f"choose num_heads among {_divisors(m.hidden_size)}"
+        )
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
+            f"choose num_kv_heads among {_divisors(m.num_heads)}"
+        )
+    if (m.hidden_size // m.num_heads) % 2:
+        raise ConfigError(f"head size hidden_size/num_heads={m.hidden_size // m.num_heads} is odd: RoPE needs it even")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
+    if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0 or cfg.checkpoint.interval < 0:
+        raise ConfigError("train.warmup_steps, train.weight_decay, train.grad_clip and checkpoint.interval must be >= 0")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]: e.g. 0.1")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1): e.g. [0.9, 0.95]")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision={t.precision!r} is not one of auto, bf16, fp32")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size}: make it one (e.g. {t.micro_batch_size * max(1, t.global_batch_size // t.micro_batch_size)})"
+        )
+    corpus = Path(d.corpus)
+    if not corpus.exists():
+        raise ConfigError(f"data.corpus={d.corpus} does not exist: point it at a text file or a directory of text files")
+    if not corpus_files(d.corpus, d.pattern, d.exclude):
+        raise ConfigError(
+            f"data.corpus={d.corpus} has no file matching data.pattern={d.pattern!r} outside data.exclude: fix them"
+        )
+
+
+def check_world_size(train: TrainConfig, world_size: int) -> int:
+    """Return the gradient-accumulation steps that make the global batch on `world_size` ranks."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by micro_batch_size x data-parallel "
+            f"ranks = {train.micro_batch_size} x {world_size}: use a multiple of {per_step} or change micro_batch_size"
+        )
+    return train.global_batch_size // per_step
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def reference(section: Any = RunConfig, prefix: str = "") -> list[str]:
+    """One line per key, `key (default): help`, generated from the schema."""
+    lines = []
+    for f in dataclasses.fields(section):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            lines.append(f"[{key}] {f.metadata.get('help', '')}")
+            lines += reference(type(default), key + ".")
+        else:
+            lines.append(f"  {key} = {default!r}: {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,91 @@
+"""The DeepSpeed engine: our config sections rendered into DeepSpeed's JSON config, then
+`deepspeed.initialize`. DeepSpeed owns the optimizer, the LR schedule, ZeRO partitioning,
+gradient accumulation, clipping and bf16 master weights."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import ParallelConfig, TrainConfig
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: int, precision: str) -> dict[str, Any]:
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW: DeepSpeed's FusedAdam is a JIT-compiled CUDA/C++ op (minutes cold, and
+            # absent on CPU); torch's is fused on CUDA and exact everywhere.
+            "params": {"lr": train.lr, "betas": list(train.betas), "eps": train.eps,
+                       "weight_decay": train.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": train.max_steps,
+                "warmup_num_steps": max(train.warmup_steps, 1),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": train.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # our own logger reports; DeepSpeed's would duplicate it
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: decaying norm gains toward 0 just fights the normalisation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def initialize(model: nn.Module, ds_config: dict[str, Any]) -> Any:
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
+        config=ds_config,
+    )
+    return engine
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun (or SLURM's srun) describes; a lone process is a world of one."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce at every start (~50 s cold)
+        # that only its inference path uses: mark it unavailable so gloo's allreduce is used.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,167 @@
+"""The Llama transformer in plain PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Read top to bottom in the order data flows. Submodule names follow Hugging Face's
+LlamaForCausalLM (`model.layers.0.self_attn.q_proj`, ...) so checkpoints map one to one.
+Nothing here knows about parallelism: `parallel/` transforms this model from outside.
+Shapes: B batch, S sequence, D hidden, H query heads, K kv heads, Dh head size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig
+from pretrain.kernels import attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Llama does: bf16 sums of squares lose too much precision.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def rope_frequencies(head_dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (Dh/2,), with Llama-3 scaling of the long wavelengths when configured."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.float()
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    # Long wavelengths are stretched by `factor`, short ones kept, the band between interpolated.
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    mid = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled).float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (S, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (S, Dh): the half-split layout of HF Llama
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+Dh/2}) of x (B, S, heads, Dh) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        # Head counts come from the weights, so a tensor-parallel shard of this module runs unchanged.
+        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # (B, S, H, Dh)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # (B, S, K, Dh)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim)  # (B, S, K, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v)  # (B, S, H, Dh), causal
+        return self.o_proj(out.reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Embedding, blocks and final norm: HF's `LlamaModel`, the `model.` prefix of its keys."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A dict keyed "0".."n-1" keeps layer names stable when a pipeline stage holds only some.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    """tokens (B, S) -> logits (B, S, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_cos_sin(rope_frequencies(cfg.hidden_size // cfg.num_heads, cfg), cfg.max_seq_len)
+        # Not persistent: derived from the config, so checkpoints stay free of it.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std); the projections that write into the residual stream get
+        init_std / sqrt(2 * num_layers) so the residual variance stays bounded with depth (GPT-2)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # norm gains
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, residual_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        S = tokens.shape[1]
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.model.embed_tokens(tokens)  # (B, S, D)
+        for layer in self.model.layers.values():
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))  # (B, S, V)
+
+
+def num_parameters(cfg: ModelConfig, embedding: bool = True) -> int:
+    """Parameter count from the config alone (no model built); tied weights counted once."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    attn = cfg.hidden_size * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * cfg.hidden_size * cfg.ffn_hidden_size
+    per_layer = attn + mlp + 2 * cfg.hidden_size
+    total = cfg.num_layers * per_layer + cfg.hidden_size  # + final norm
+    total += 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size  # output head
+    return total + (cfg.vocab_size * cfg.hidden_size if embedding else 0)

@@ -1,0 +1,174 @@
+"""The training loop: build the model and engine from a validated config, then step.
+
+Launch with torchrun (one process per device), e.g. 2 CPU processes:
+
+    torchrun --standalone --nproc-per-node 2 -m pretrain.cli train configs/models/tiny.yaml configs/quickstart.yaml
+
+Rank 0 writes the resolved config (`config.yaml`) and one JSON line per logged step
+(`metrics.jsonl`) into `train.run_dir`; checkpoints go to `run_dir/checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.text import VOCAB_SIZE, corpus_files, micro_batches
+from pretrain import engine as ds_engine
+from pretrain.config import ConfigError, RunConfig, check_world_size, to_yaml
+from pretrain.flops import device_peak_flops, flops_per_token, mfu
+from pretrain.model import Llama, num_parameters
+
+log = logging.getLogger("foundry")
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup_logging(rank: int) -> None:
+    # Non-zero ranks stay quiet unless something goes wrong.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", force=True,
+    )
+    # Known noise that says nothing about the run: DeepSpeed asks its own scheduler for the lr before
+    # step 1, and ZeRO calls a collective that torch has renamed.
+    logging.getLogger("DeepSpeed").addFilter(lambda r: "before it has started" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
+
+
+def train(cfg: RunConfig) -> None:
+    if cfg.model.vocab_size < VOCAB_SIZE:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}: raise it")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = check_world_size(cfg.train, world_size)  # fail before any process group exists
+    device = pick_device()
+    ds_engine.init_distributed(device)
+    rank = dist.get_rank()
+    setup_logging(rank)
+    precision = ds_engine.resolve_precision(cfg.train.precision, device)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(cfg.model).to(device)
+    ds_config = ds_engine.deepspeed_config(cfg.train, cfg.parallel, grad_accum, precision)
+    engine = ds_engine.initialize(model, ds_config)
+
+    t, seq_len = cfg.train, cfg.data.seq_len
+    tokens_per_step = t.global_batch_size * seq_len
+    flops_token = flops_per_token(cfg.model, seq_len)
+    peak = device_peak_flops(device)
+    log.info(
+        "layout: world %d = dp %d | ZeRO-%d | %s on %s | global batch %d = micro %d x accum %d x dp %d | seq %d",
+        world_size, world_size, cfg.parallel.zero_stage, precision, device.type, t.global_batch_size,
+        t.micro_batch_size, grad_accum, world_size, seq_len,
+    )
+    log.info(
+        "model: %.2fM params (%.2fM non-embedding) | %.3g FLOP/token | peak %s",
+        num_parameters(cfg.model) / 1e6, num_parameters(cfg.model, embedding=False) / 1e6, flops_token,
+        f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (no bf16 peak known for this device): MFU n/a",
+    )
+
+    start_step = 0
+    if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        start_step = client_state["step"]
+        log.info("resumed from %s at step %d", ckpt_dir, start_step)
+
+    files = corpus_files(cfg.data.corpus, cfg.data.pattern, cfg.data.exclude)
+    log.info("data: %d files from %s (%s), byte tokens", len(files), cfg.data.corpus, cfg.data.pattern)
+    batches = micro_batches(
+        files, seq_len, t.seed, t.global_batch_size, t.micro_batch_size, rank, world_size, start_step
+    )
+
+    metrics_file = run_dir / "metrics.jsonl"
+    window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+    first_loss = float("nan")
+    for step in range(start_step + 1, t.max_steps + 1):
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            batch = next(batches).to(device)
+            loss = loss_fn(engine(batch[:, :-1]), batch[:, 1:])
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            loss_sum += loss.detach()
+        window_steps += 1
+
+        if step % cfg.tracking.log_interval == 0 or step in (start_step + 1, t.max_steps):
+            dist.all_reduce(loss_sum)  # the mean over the global batch, whatever the layout
+            elapsed = time.perf_counter() - window_start
+            tok_s = tokens_per_step * window_steps / elapsed
+            util = mfu(tok_s, flops_token, peak, world_size)
+            record = {
+                "step": step, "loss": loss_sum.item() / (grad_accum * world_size), "lr": engine.get_lr()[0],
+                "grad_norm": _grad_norm(engine), "tokens_per_s": tok_s, "mfu": util,
+                "peak_mem_gib": peak_memory_gib(device),
+            }
+            eta = (t.max_steps - step) * elapsed / window_steps
+            log.info(
+                "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | mem %.2f GiB | ETA %s",
+                step, t.max_steps, record["loss"], record["lr"], record["grad_norm"], _si(tok_s),
+                "n/a" if util is None else f"{util:.1%}", record["peak_mem_gib"], _duration(eta),
+            )
+            first_loss = record["loss"] if step == start_step + 1 else first_loss
+            if rank == 0:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            window_start, window_steps = time.perf_counter(), 0
+
+        if step == t.max_steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+
+    log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
+             _duration(time.perf_counter() - run_start), first_loss, record["loss"])
+    # Free the engine before tearing down gloo: a live engine at exit sometimes aborts the worker.
+    del engine, model
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
