@@ -37,7 +37,7 @@ def test_every_key_is_documented():
         ("data.corpus=/nonexistent/corpus", ["data.corpus=/nonexistent/corpus", "does not exist"]),
         ("train.max_steps=many", ["train.max_steps", "many"]),
         ("data.seq_len=4096", ["data.seq_len=4096", "model.max_seq_len=1024"]),
-        ("train.global_batch_size=10", ["train.global_batch_size=10", "micro_batch_size=8"]),
+        ("train.global_batch_size=10", ["train.global_batch_size=10", "micro_batch_size=16"]),
     ],
 )
 def test_bad_config_fails_with_one_line_naming_key_and_fix(override, names, capsys):
