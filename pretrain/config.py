@@ -71,9 +71,14 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the work is split across processes. Data parallelism takes every process."""
+    """How the work is split across processes: data-parallel size = world size / (tensor * pipeline)."""
 
+    tensor: int = _help(1, "tensor-parallel size: each layer's weights split across this many neighbouring ranks")
+    pipeline: int = _help(1, "pipeline-parallel size: the layers cut into this many consecutive stages")
     zero_stage: int = _help(1, "DeepSpeed ZeRO stage 0-3: what is partitioned across data-parallel ranks")
+    sequence_parallel: bool = _help(False, "with tensor > 1, split norms and residuals along the sequence too")
+    activation_checkpointing: str = _help("off", "recompute block activations in backward: off, full, selective")
+    activation_checkpointing_interval: int = _help(2, "with selective: recompute every this-many-th block")
 
 
 @dataclass
