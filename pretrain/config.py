@@ -119,6 +119,10 @@ class CheckpointConfig:
 
     interval: int = _help(0, "save every this many steps (0: only at the end)")
     resume: bool = _help(True, "continue from the latest checkpoint in run_dir when there is one")
+    save_consolidated: bool = _help(
+        False, "at the end, also gather the whole model into run_dir/model.pt, a plain fp32 state dict of "
+        "pretrain.model.Llama (rank 0 holds it all in memory: small models only)"
+    )
 
 
 @dataclass

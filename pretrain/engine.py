@@ -56,12 +56,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def initialize(model: nn.Module, ds_config: dict[str, Any]) -> Any:
+def initialize(model: nn.Module, ds_config: dict[str, Any], mpu: Any = None) -> Any:
+    """The engine for `model`; `mpu` gives the process groups (a PipelineModule brings its own)."""
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, ds_config["optimizer"]["params"]["weight_decay"]),
-        config=ds_config,
+        config=ds_config, mpu=mpu,
     )
     return engine
 

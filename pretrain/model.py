@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.kernels import attention
@@ -70,14 +71,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x.shape
-        # Head counts come from the weights, so a tensor-parallel shard of this module runs unchanged.
-        q = self.q_proj(x).view(B, S, -1, self.head_dim)  # (B, S, H, Dh)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim)  # (B, S, K, Dh)
-        v = self.v_proj(x).view(B, S, -1, self.head_dim)  # (B, S, K, Dh)
+        # Shapes come from the projections' outputs, not from x, so a tensor-parallel shard of this
+        # module (fewer heads; under sequence parallelism, x a slice of the sequence) runs unchanged.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*q.shape[:2], -1, self.head_dim)  # (B, S, H, Dh)
+        k = k.view(*k.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
+        v = v.view(*v.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attention(q, k, v)  # (B, S, H, Dh), causal
-        return self.o_proj(out.reshape(B, S, -1))
+        return self.o_proj(out.flatten(2))
 
 
 class FeedForward(nn.Module):
@@ -94,6 +96,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    # Recompute this block's activations in backward instead of storing them (activation checkpointing).
+    recompute: bool = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -102,6 +107,11 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 

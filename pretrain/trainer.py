@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from data.text import VOCAB_SIZE, corpus_files, micro_batches
+from parallel.consolidate import full_state_dict
+from parallel.parallelize import parallelize
+from parallel.topology import Layout, Topology
 from pretrain import engine as ds_engine
 from pretrain.config import ConfigError, RunConfig, check_world_size, to_yaml
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
@@ -51,10 +53,6 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -65,11 +63,14 @@ def train(cfg: RunConfig) -> None:
     if cfg.model.vocab_size < VOCAB_SIZE:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}: raise it")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    grad_accum = check_world_size(cfg.train, world_size)  # fail before any process group exists
+    # Fail on a bad layout before any process group exists.
+    layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
+    grad_accum = check_world_size(cfg.train, layout.dp)
     device = pick_device()
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
     setup_logging(rank)
+    topology = Topology(layout)
     precision = ds_engine.resolve_precision(cfg.train.precision, device)
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -78,19 +79,22 @@ def train(cfg: RunConfig) -> None:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same full model on every rank, then sliced
     model = Llama(cfg.model).to(device)
+    module, loss_fn = parallelize(model, topology, cfg.parallel)
+    plain_names = {id(p): n for n, p in model.named_parameters()}
+    pipelined = layout.pp > 1
     ds_config = ds_engine.deepspeed_config(cfg.train, cfg.parallel, grad_accum, precision)
-    engine = ds_engine.initialize(model, ds_config)
+    engine = ds_engine.initialize(module, ds_config, mpu=None if pipelined else topology)
 
     t, seq_len = cfg.train, cfg.data.seq_len
     tokens_per_step = t.global_batch_size * seq_len
     flops_token = flops_per_token(cfg.model, seq_len)
     peak = device_peak_flops(device)
     log.info(
-        "layout: world %d = dp %d | ZeRO-%d | %s on %s | global batch %d = micro %d x accum %d x dp %d | seq %d",
-        world_size, world_size, cfg.parallel.zero_stage, precision, device.type, t.global_batch_size,
-        t.micro_batch_size, grad_accum, world_size, seq_len,
+        "layout: world %d = %s | ZeRO-%d | %s on %s | global batch %d = micro %d x accum %d x dp %d | seq %d",
+        world_size, layout, cfg.parallel.zero_stage, precision, device.type, t.global_batch_size,
+        t.micro_batch_size, grad_accum, layout.dp, seq_len,
     )
     log.info(
         "model: %.2fM params (%.2fM non-embedding) | %.3g FLOP/token | peak %s",
@@ -106,30 +110,29 @@ def train(cfg: RunConfig) -> None:
 
     files = corpus_files(cfg.data.corpus, cfg.data.pattern, cfg.data.exclude)
     log.info("data: %d files from %s (%s), byte tokens", len(files), cfg.data.corpus, cfg.data.pattern)
-    batches = micro_batches(
-        files, seq_len, t.seed, t.global_batch_size, t.micro_batch_size, rank, world_size, start_step
+    # Tensor-parallel peers read the same batches: the data split is by data-parallel rank only.
+    batches = (
+        (b[:, :-1].to(device), b[:, 1:].to(device))
+        for b in micro_batches(files, seq_len, t.seed, t.global_batch_size, t.micro_batch_size,
+                               topology.dp_rank, layout.dp, start_step)
     )
 
     metrics_file = run_dir / "metrics.jsonl"
     window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
     first_loss = float("nan")
     for step in range(start_step + 1, t.max_steps + 1):
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            batch = next(batches).to(device)
-            loss = loss_fn(engine(batch[:, :-1]), batch[:, 1:])
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += loss.detach()
+        if pipelined:
+            loss = engine.train_batch(data_iter=batches)  # 1F1B over grad_accum micro-batches; dp mean
+        else:
+            loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
         window_steps += 1
 
         if step % cfg.tracking.log_interval == 0 or step in (start_step + 1, t.max_steps):
-            dist.all_reduce(loss_sum)  # the mean over the global batch, whatever the layout
             elapsed = time.perf_counter() - window_start
             tok_s = tokens_per_step * window_steps / elapsed
             util = mfu(tok_s, flops_token, peak, world_size)
             record = {
-                "step": step, "loss": loss_sum.item() / (grad_accum * world_size), "lr": engine.get_lr()[0],
+                "step": step, "loss": loss.item(), "lr": engine.get_lr()[0],
                 "grad_norm": _grad_norm(engine), "tokens_per_s": tok_s, "mfu": util,
                 "peak_mem_gib": peak_memory_gib(device),
             }
@@ -150,10 +153,28 @@ def train(cfg: RunConfig) -> None:
 
     log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
              _duration(time.perf_counter() - run_start), first_loss, record["loss"])
+    if cfg.checkpoint.save_consolidated:
+        full = full_state_dict(engine.module, plain_names, topology, cfg.model.vocab_size, cfg.model.tie_embeddings)
+        if rank == 0:
+            torch.save(full, run_dir / "model.pt")
+            log.info("wrote the unsharded fp32 model to %s", run_dir / "model.pt")
     # Free the engine before tearing down gloo: a live engine at exit sometimes aborts the worker.
-    del engine, model
+    del engine, model, module
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:
+    """One optimizer step; returns the mean loss over the global batch."""
+    loss_sum = torch.zeros((), device=engine.device)
+    for _ in range(grad_accum):
+        inputs, targets = next(batches)
+        loss = loss_fn(engine(inputs), targets)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        loss_sum += loss.detach()
+    dist.all_reduce(loss_sum, group=topology.get_data_parallel_group())
+    return loss_sum / (grad_accum * topology.layout.dp)
 
 
 def _grad_norm(engine) -> float:

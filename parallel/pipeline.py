@@ -1,0 +1,62 @@
+"""Pipeline parallelism: the model cut into consecutive stages on DeepSpeed's PipelineModule,
+which runs its 1F1B schedule over the micro-batches of a step.
+
+The embedding runs on the first stage, the final norm and the head on the last; blocks are
+balanced across stages by parameter count. Tied embeddings live on both the first and the last
+stage and DeepSpeed keeps the two copies equal by summing their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pretrain.model import Llama, TransformerBlock
+
+
+class BlockStage(nn.Module):
+    """A transformer block taking only the activations, as the pipeline passes one tensor along."""
+
+    def __init__(self, block: TransformerBlock, rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq_split: int):
+        super().__init__()
+        self.block = block
+        self.seq_split = seq_split  # under sequence parallelism x holds 1/seq_split of the sequence
+        self.register_buffer("rope_cos", rope_cos, persistent=False)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = x.shape[1] * self.seq_split
+        return self.block(x, self.rope_cos[:S], self.rope_sin[:S])
+
+
+class _Reuse(nn.Module):
+    """A LayerSpec type that hands back an already-built module (DeepSpeed's tied layers want a spec)."""
+
+    def __new__(cls, module: nn.Module) -> nn.Module:  # type: ignore[misc]
+        return module
+
+
+def build_pipeline_module(
+    model: Llama, ds_topology, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seq_split: int
+) -> nn.Module:
+    """`model` (already tensor-parallel if tp > 1) as a DeepSpeed PipelineModule over `ds_topology`."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    body = model.model
+    blocks = [BlockStage(b, model.rope_cos, model.rope_sin, seq_split) for b in body.layers.values()]
+    if model.cfg.tie_embeddings:
+        lm_head = model.lm_head  # shares its weight with the embedding
+        first = TiedLayerSpec("embed", _Reuse, body.embed_tokens, tied_weight_attr="weight")
+        last = TiedLayerSpec(
+            "embed", _Reuse, body.embed_tokens, tied_weight_attr="weight", forward_fn=lambda _embed, x: lm_head(x)
+        )
+    else:
+        first, last = body.embed_tokens, model.lm_head
+    return PipelineModule(
+        layers=[first, *blocks, body.norm, last],
+        loss_fn=loss_fn,
+        topology=ds_topology,
+        partition_method="parameters",
+    )

@@ -1,0 +1,324 @@
+"""Megatron-style tensor parallelism, applied to a plain `pretrain.model.Llama` from outside.
+
+Each linear layer's weight is split across the tensor-parallel (tp) group:
+- column-parallel (q/k/v, gate/up, the output head): output features split, each rank computes
+  its slice of the output from the full input;
+- row-parallel (o_proj, down_proj): input features split, each rank's partial products are
+  summed with one all-reduce;
+- the embedding and the head split the vocabulary; the loss is a vocab-parallel cross-entropy
+  that never gathers the full logits.
+Attention heads follow their q/k/v rows: each rank runs H/tp query heads. With fewer kv heads
+than tp ranks the kv projections are kept whole on every rank (they are small) and each rank
+uses the kv head its query heads belong to.
+
+With sequence parallelism (Korthikanti et al. 2022) the activations outside attention and MLP
+(norms, residual stream) are split along the sequence as well: the all-reduce after a row-parallel
+layer becomes a reduce-scatter, and column-parallel layers all-gather their input.
+
+The full model is built first with the run's seed and then sliced, so the parallel model is the
+same function as the plain one whatever tp is. Names of parameters do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.model import Attention, FeedForward, Llama, RMSNorm
+
+Group = Any
+
+
+# Region collectives (Megatron's names): forward and backward are each other's adjoint.
+
+
+class _CopyToRegion(torch.autograd.Function):
+    """Identity forward; all-reduce of the gradient backward (the input fed every rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    """All-reduce forward (sum the partial products); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
+    # gloo has no reduce-scatter: all-reduce and keep this rank's chunk (same result, more traffic).
+    if dist.get_backend(group) == "nccl":
+        parts = [p.contiguous() for p in x.chunk(dist.get_world_size(group), dim=1)]
+        out = torch.empty_like(parts[0])
+        dist.reduce_scatter(out, parts, group=group)
+        return out
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
+
+
+class _GatherFromSequenceRegion(torch.autograd.Function):
+    """All-gather along the sequence forward; reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSequenceRegion(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward; all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ReduceFromRegion.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _GatherFromSequenceRegion.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _ReduceScatterToSequenceRegion.apply(x, group)
+
+
+def _enter_column(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """The full input of a column-parallel layer, with the right collective in backward."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(x, group)
+    return copy_to_tensor_model_parallel_region(x, group)
+
+
+def _leave_row(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
+    """Sum a row-parallel layer's partial outputs (and split them along the sequence under SP)."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_parallel_region(x, group)
+    return reduce_from_tensor_model_parallel_region(x, group)
+
+
+def _mark_split(p: nn.Parameter, dim: int) -> nn.Parameter:
+    # DeepSpeed counts parameters flagged this way once per tp rank in the global grad norm;
+    # unflagged ones are taken as replicated and counted on tp rank 0 only.
+    p.tensor_model_parallel = True
+    p.partition_dim = dim
+    return p
+
+
+# Layers.
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., slice] = x W[slice]^T: this rank's rows of W (output features)."""
+
+    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_enter_column(x, self.group, self.sequence_parallel), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x[..., slice] W[:, slice]^T: this rank's columns of W (input features)."""
+
+    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = _mark_split(nn.Parameter(weight), dim=1)
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _leave_row(F.linear(x, self.weight), self.group, self.sequence_parallel)
+
+
+class ReplicatedKVLinear(nn.Module):
+    """A k or v projection kept whole on every rank (fewer kv heads than tp ranks); this rank
+    computes only the kv head its query heads use. Each rank's weight gradient covers its own
+    head, so the gradients are summed over the group to give every rank the full one."""
+
+    def __init__(self, weight: torch.Tensor, rows: slice, group: Group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.rows, self.group, self.sequence_parallel = rows, group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.group)
+        return F.linear(_enter_column(x, self.group, self.sequence_parallel), weight[self.rows])
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows [start, start + V/tp) on this rank; other ids give zeros, summed over ranks."""
+
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group: Group, sequence_parallel: bool):
+        super().__init__()
+        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.vocab_start, self.group, self.sequence_parallel = vocab_start, group, sequence_parallel
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return _leave_row(out, self.group, self.sequence_parallel)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm over a sequence slice: its weight gradient is partial on each rank and is summed."""
+
+    def __init__(self, norm: RMSNorm, group: Group):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight, self.group)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
+
+
+# The loss.
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int, group: Group):
+        # logits (N, V/tp) fp32, target (N,). Columns past the real vocabulary are padding: -inf.
+        shard = logits.shape[-1]
+        ids = torch.arange(vocab_start, vocab_start + shard, device=logits.device)
+        logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
+        max_logit = logits.max(dim=-1).values
+        dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - max_logit.unsqueeze(-1)
+
+        local = target - vocab_start
+        outside = (local < 0) | (local >= shard)
+        local = local.masked_fill(outside, 0)
+        target_logit = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(target_logit, group=group)
+
+        exp = logits.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local, outside)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        softmax, local, outside = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -(~outside).to(softmax.dtype).unsqueeze(-1))
+        return grad_logits * grad.unsqueeze(-1), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, vocab_size: int, group: Group
+) -> torch.Tensor:
+    """Mean cross-entropy of vocab-sharded logits (B, S, V/tp) against targets (B, S)."""
+    losses = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, 1), target.flatten(), vocab_start, vocab_size, group)
+    return losses.mean()
+
+
+# Applying it.
+
+
+def _shard(weight: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
+    return weight.detach().chunk(tp, dim=dim)[rank].clone()
+
+
+def _pad_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -weight.shape[0] % multiple
+    return F.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
+
+
+def _parallelize_attention(attn: Attention, group: Group, rank: int, tp: int, sp: bool) -> None:
+    attn.q_proj = ColumnParallelLinear(_shard(attn.q_proj.weight, 0, rank, tp), group, sp)
+    if attn.num_kv_heads >= tp:
+        attn.k_proj = ColumnParallelLinear(_shard(attn.k_proj.weight, 0, rank, tp), group, sp)
+        attn.v_proj = ColumnParallelLinear(_shard(attn.v_proj.weight, 0, rank, tp), group, sp)
+    else:
+        head = rank // (tp // attn.num_kv_heads)  # the kv head of this rank's query heads
+        rows = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
+        attn.k_proj = ReplicatedKVLinear(attn.k_proj.weight.detach().clone(), rows, group, sp)
+        attn.v_proj = ReplicatedKVLinear(attn.v_proj.weight.detach().clone(), rows, group, sp)
+    attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, tp), group, sp)
+
+
+def _parallelize_mlp(mlp: FeedForward, group: Group, rank: int, tp: int, sp: bool) -> None:
+    mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, tp), group, sp)
+    mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, tp), group, sp)
+    mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, tp), group, sp)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def apply_tensor_parallel(model: Llama, group: Group, sequence_parallel: bool = False) -> LossFn:
+    """Swap `model`'s layers for tensor-parallel ones in place; return the matching loss function."""
+    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+    sp = sequence_parallel
+    for block in model.model.layers.values():
+        _parallelize_attention(block.self_attn, group, rank, tp, sp)
+        _parallelize_mlp(block.mlp, group, rank, tp, sp)
+        if sp:
+            block.input_layernorm = SequenceParallelRMSNorm(block.input_layernorm, group)
+            block.post_attention_layernorm = SequenceParallelRMSNorm(block.post_attention_layernorm, group)
+    if sp:
+        model.model.norm = SequenceParallelRMSNorm(model.model.norm, group)
+
+    # The vocabulary is padded to a multiple of tp; the loss masks the padded columns.
+    vocab_size = model.cfg.vocab_size
+    embed = _pad_rows(model.model.embed_tokens.weight, tp)
+    shard = embed.shape[0] // tp
+    model.model.embed_tokens = VocabParallelEmbedding(_shard(embed, 0, rank, tp), rank * shard, group, sp)
+    if model.cfg.tie_embeddings:
+        model.lm_head = ColumnParallelLinear(torch.empty(0), group, sp)
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        model.lm_head = ColumnParallelLinear(_shard(_pad_rows(model.lm_head.weight, tp), 0, rank, tp), group, sp)
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, target, rank * shard, vocab_size, group)
+
+    return loss_fn
