@@ -56,5 +56,6 @@ def parallelize(model: Llama, topology: Topology, parallel: ParallelConfig) -> t
         return model, loss_fn
     seq_split = tp if parallel.sequence_parallel else 1
     module = build_pipeline_module(model, topology.ds_topology, loss_fn, seq_split)
-    log.info("pipeline parallel: %d stages, layer boundaries %s", topology.layout.pp, module.parts)
+    log.info("pipeline parallel: %d stages, layer boundaries %s (embedding, %d blocks, norm, head)",
+             topology.layout.pp, [int(b) for b in module.parts], len(model.model.layers))
     return module, loss_fn

@@ -8,12 +8,17 @@ stage and DeepSpeed keeps the two copies equal by summing their gradients.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 from typing import Callable
 
 import torch
 from torch import nn
 
 from pretrain.model import Llama, TransformerBlock
+
+log = logging.getLogger("foundry")
 
 
 class BlockStage(nn.Module):
@@ -54,9 +59,14 @@ def build_pipeline_module(
         )
     else:
         first, last = body.embed_tokens, model.lm_head
-    return PipelineModule(
-        layers=[first, *blocks, body.norm, last],
-        loss_fn=loss_fn,
-        topology=ds_topology,
-        partition_method="parameters",
-    )
+    # PipelineModule prints its topology and partition to stdout on every rank: keep it in the debug log.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        module = PipelineModule(
+            layers=[first, *blocks, body.norm, last],
+            loss_fn=loss_fn,
+            topology=ds_topology,
+            partition_method="parameters",
+        )
+    log.debug("%s", printed.getvalue())
+    return module

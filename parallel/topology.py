@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
+from pretrain.config import ConfigError, ModelConfig, ParallelConfig, divisors
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Layout:
         if tp < 1 or pp < 1:
             raise ConfigError(f"parallel.tensor={tp} and parallel.pipeline={pp} must be >= 1")
         if world_size % (tp * pp):
-            ok = [(t, p) for t in _divisors(world_size) for p in _divisors(world_size // t)][:6]
+            ok = [(t, p) for t in divisors(world_size) for p in divisors(world_size // t)][:6]
             raise ConfigError(
                 f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}: "
                 f"use (tensor, pipeline) among {ok} or launch a multiple of {tp * pp} processes"
@@ -46,7 +46,7 @@ class Layout:
         if model.num_heads % tp:
             raise ConfigError(
                 f"model.num_heads={model.num_heads} is not divisible by parallel.tensor={tp}: "
-                f"use parallel.tensor among {[t for t in _divisors(model.num_heads) if world_size % t == 0]}"
+                f"use parallel.tensor among {[t for t in divisors(model.num_heads) if world_size % t == 0]}"
             )
         if model.num_kv_heads % tp and tp % model.num_kv_heads:
             raise ConfigError(
@@ -148,7 +148,3 @@ class Topology:
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         return dist.get_rank() - self.tp_rank
-
-
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]

@@ -188,12 +188,12 @@ def validate(cfg: RunConfig) -> None:
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
-            f"choose num_heads among {_divisors(m.hidden_size)}"
+            f"choose num_heads among {divisors(m.hidden_size)}"
         )
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(
             f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}: "
-            f"choose num_kv_heads among {_divisors(m.num_heads)}"
+            f"choose num_kv_heads among {divisors(m.num_heads)}"
         )
     if (m.hidden_size // m.num_heads) % 2:
         raise ConfigError(f"head size hidden_size/num_heads={m.hidden_size // m.num_heads} is odd: RoPE needs it even")
@@ -234,7 +234,8 @@ def check_world_size(train: TrainConfig, world_size: int) -> int:
     return train.global_batch_size // per_step
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """Positive divisors of n, ascending: the valid choices offered in error messages."""
     return [k for k in range(1, n + 1) if n % k == 0]
 
 

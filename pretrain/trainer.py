@@ -160,7 +160,7 @@ def train(cfg: RunConfig) -> None:
             log.info("wrote the unsharded fp32 model to %s", run_dir / "model.pt")
     # Free the engine before tearing down gloo: a live engine at exit sometimes aborts the worker.
     del engine, model, module
-    dist.barrier()
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     dist.destroy_process_group()
 
 
