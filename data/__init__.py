@@ -1,1 +1,1 @@
-"""Reading training data: text files now, webdataset token shards next."""
+"""Reading training data: tokenizers, shard preparation, and streaming from webdataset shards."""

@@ -2,14 +2,18 @@
 
     foundry train configs/models/tiny.yaml configs/quickstart.yaml train.max_steps=50
     torchrun --standalone --nproc-per-node 2 -m pretrain.cli train configs/models/tiny.yaml configs/quickstart.yaml
+    foundry plan configs/models/llama3-8b.yaml --gpus 8 --gpu-memory-gib 80
+    foundry prepare-data corpus/ --pattern '**/*.jsonl.zst' --tokenizer llama3/tokenizer.json --out data/web
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from pretrain.config import ConfigError, load_config, reference
+from data.tokenizer import DataError
+from pretrain.config import ConfigError, load_config, load_model_config, reference
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -21,6 +25,32 @@ def _train(args: argparse.Namespace) -> None:
     from pretrain.trainer import train  # heavy imports (DeepSpeed) only once the config is sound
 
     train(cfg)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from parallel.planner import format_plan, plan
+
+    cfg = load_model_config(args.model)
+    print(format_plan(plan(cfg, args.gpus, args.gpu_memory_gib, args.seq_len, args.precision, args.global_batch,
+                           model_name=Path(args.model).stem)))
+
+
+def _prepare_data(args: argparse.Namespace) -> None:
+    import logging
+    from pathlib import Path
+
+    from data.prepare import PrepareOptions, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.workers < 1 or args.sample_tokens < 1 or args.shard_tokens < 1 or args.vocab_size < 257:
+        raise ConfigError("--workers, --sample-tokens and --shard-tokens must be >= 1 and --vocab-size >= 257")
+    prepare(args.inputs, PrepareOptions(
+        out=Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size, pattern=args.pattern,
+        exclude=tuple(args.exclude), text_field=args.text_field, sample_tokens=args.sample_tokens,
+        shard_tokens=args.shard_tokens, workers=args.workers, on_error=args.on_error,
+    ))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +65,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value")
     train.set_defaults(run=_train)
+    prep = commands.add_parser(
+        "prepare-data",
+        help="tokenize raw text into webdataset token shards with a manifest",
+        description="Tokenize .txt / .jsonl files (optionally .gz or .zst), directories or globs into tar shards "
+        "of token ids plus manifest.json, using every worker given.",
+    )
+    prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
+    prep.add_argument("--out", required=True, help="output directory for shards, tokenizer.json and manifest.json")
+    prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE (default 4096)")
+    prep.add_argument("--pattern", default="**/*", help="glob of files inside input directories (default **/*)")
+    prep.add_argument("--exclude", action="append", default=[], help="glob (relative to an input directory) to skip")
+    prep.add_argument("--text-field", default="text", help="field holding the document in .jsonl (default text)")
+    prep.add_argument("--sample-tokens", type=int, default=2048, help="token ids per stored sample (default 2048)")
+    prep.add_argument("--shard-tokens", type=int, default=50_000_000, help="close a shard after this many tokens")
+    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
+    prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                      help="an unreadable, empty or non-UTF-8 file: stop, or skip it (counted, logged)")
+    prep.set_defaults(run=_prepare_data)
+    plan = commands.add_parser(
+        "plan",
+        help="estimate memory per GPU of every layout (tp, pp, dp, ZeRO, micro-batch, recomputation) and pick one",
+        description="List the layouts of a model that fit N GPUs of G GiB each, with their estimated memory per "
+        "GPU (parallel/planner.py documents the model and its sources), and pick one by a stated rule.",
+    )
+    plan.add_argument("model", metavar="MODEL.yaml", help="a model preset, e.g. configs/models/llama3-8b.yaml")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    plan.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU in GiB, e.g. 80")
+    plan.add_argument("--seq-len", type=int, help="tokens per sequence (default: model.max_seq_len, at most 8192)")
+    plan.add_argument("--global-batch", type=int, help="sequences per optimizer step; micro x dp must divide it")
+    plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                      help="bf16 with fp32 master weights (GPU default) or fp32")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -44,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except ConfigError as e:
         print(f"foundry: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"foundry: data error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,15 +12,12 @@ with a one-line message that names the key and the fix, raised before anything i
 from __future__ import annotations
 
 import dataclasses
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-from data.text import corpus_files
 
 
 class ConfigError(ValueError):
@@ -33,12 +30,6 @@ def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-# The default corpus exists on every machine: the source of the running Python's standard library.
-def _stdlib() -> str:
-    return sysconfig.get_paths()["stdlib"]
-
-
-OmegaConf.register_resolver("stdlib", _stdlib, replace=True)
 
 
 @dataclass
@@ -82,16 +73,28 @@ class ParallelConfig:
 
 
 @dataclass
-class DataConfig:
-    """What the model reads."""
+class DatasetConfig:
+    """One dataset prepared by `foundry prepare-data`."""
 
-    corpus: str = _help("${stdlib:}", "a text file or a directory searched for `pattern`; default: Python's stdlib")
-    pattern: str = _help("**/*.py", "glob of files to read inside a corpus directory")
-    exclude: list[str] = _help(
-        ["site-packages/*", "dist-packages/*"], "globs (relative to corpus) of files to skip; the defaults keep "
-        "third-party packages installed inside the stdlib directory out of the default corpus"
+    path: str = _help("???", "directory holding manifest.json (or the manifest file itself)")
+    weight: float = _help(1.0, "share of training windows drawn from this dataset (weights are normalised)")
+    urls: Optional[str] = _help(
+        None, "where the shards are read from, if not next to the manifest: a brace pattern webdataset expands, "
+        "e.g. 'pipe:curl -s http://host/shard-{000000..000099}.tar'"
     )
+
+
+@dataclass
+class DataConfig:
+    """What the model reads: token shards streamed with webdataset (see data/stream.py)."""
+
+    datasets: list[DatasetConfig] = _help([], "the datasets and their mixture weights")
     seq_len: int = _help(256, "tokens per training sequence")
+    streams: int = _help(8, "independent shard readers; fixed for a run. Divides train.global_batch_size and is "
+                            "divisible by data-parallel ranks x workers")
+    workers: int = _help(1, "loader worker processes per rank (0: read in the training process)")
+    shuffle: bool = _help(True, "seeded shard order per epoch and sample order within each shard")
+    on_error: str = _help("stop", "a missing, truncated or corrupt shard: stop, or skip it (counted and logged)")
 
 
 @dataclass
@@ -144,6 +147,19 @@ class RunConfig:
 
 def load_config(files: list[str], overrides: list[str]) -> RunConfig:
     """Merge YAML `files` (in order) and dotlist `overrides` onto the schema, then validate."""
+    cfg = _merge(files, overrides)
+    validate(cfg)
+    return cfg
+
+
+def load_model_config(path: str, overrides: list[str] = []) -> ModelConfig:
+    """Just the model section of a preset, validated (for tools that need no run: planner, FLOPs)."""
+    model = _merge([path], overrides).model
+    validate_model(model)
+    return model
+
+
+def _merge(files: list[str], overrides: list[str]) -> RunConfig:
     try:
         merged = OmegaConf.structured(RunConfig)
         for path in files:
@@ -157,7 +173,6 @@ def load_config(files: list[str], overrides: list[str]) -> RunConfig:
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
-    validate(cfg)
     return cfg
 
 
@@ -172,19 +187,18 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
     return f"bad value for config key '{key}': {first}"
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check what a single field's type cannot: ranges and relations between keys."""
-    m, t, d = cfg.model, cfg.train, cfg.data
-    positive = {
+def _require_positive(values: dict[str, float]) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive: set it to a value > 0")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _require_positive({
         "model.vocab_size": m.vocab_size, "model.hidden_size": m.hidden_size, "model.num_layers": m.num_layers,
         "model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads,
         "model.ffn_hidden_size": m.ffn_hidden_size, "model.max_seq_len": m.max_seq_len,
-        "data.seq_len": d.seq_len, "train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size, "train.lr": t.lr, "tracking.log_interval": cfg.tracking.log_interval,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive: set it to a value > 0")
+    })
     if m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}: "
@@ -197,6 +211,16 @@ def validate(cfg: RunConfig) -> None:
         )
     if (m.hidden_size // m.num_heads) % 2:
         raise ConfigError(f"head size hidden_size/num_heads={m.hidden_size // m.num_heads} is odd: RoPE needs it even")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check what a single field's type cannot: ranges and relations between keys."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    validate_model(m)
+    _require_positive({
+        "data.seq_len": d.seq_len, "data.streams": d.streams, "train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "train.lr": t.lr, "tracking.log_interval": cfg.tracking.log_interval,
+    })
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0 or cfg.checkpoint.interval < 0:
@@ -214,13 +238,21 @@ def validate(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
             f"{t.micro_batch_size}: make it one (e.g. {t.micro_batch_size * max(1, t.global_batch_size // t.micro_batch_size)})"
         )
-    corpus = Path(d.corpus)
-    if not corpus.exists():
-        raise ConfigError(f"data.corpus={d.corpus} does not exist: point it at a text file or a directory of text files")
-    if not corpus_files(d.corpus, d.pattern, d.exclude):
-        raise ConfigError(
-            f"data.corpus={d.corpus} has no file matching data.pattern={d.pattern!r} outside data.exclude: fix them"
-        )
+    if d.workers < 0 or d.on_error not in ("stop", "skip"):
+        raise ConfigError(f"data.workers={d.workers} must be >= 0 and data.on_error={d.on_error!r} stop or skip")
+    if t.global_batch_size % d.streams:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of data.streams="
+                          f"{d.streams}: each step takes the same number of windows from every stream")
+    if not d.datasets:
+        raise ConfigError("data.datasets is empty: name at least one prepared dataset, e.g. "
+                          "data.datasets='[{path: runs/data/stdlib}]' (see `foundry prepare-data --help`)")
+    for i, ds in enumerate(d.datasets):
+        manifest = Path(ds.path) / "manifest.json" if Path(ds.path).is_dir() else Path(ds.path)
+        if not manifest.is_file():
+            raise ConfigError(f"data.datasets[{i}].path={ds.path} has no manifest.json: prepare it with "
+                              f"`foundry prepare-data INPUT... --out {ds.path}`")
+        if ds.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}].weight={ds.weight} must be positive")
 
 
 def check_world_size(train: TrainConfig, world_size: int) -> int:

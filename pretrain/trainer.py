@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.text import VOCAB_SIZE, corpus_files, micro_batches
+from data.stream import ShardLoader, check_compatible, merge_states, open_dataset
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
@@ -60,8 +60,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def train(cfg: RunConfig) -> None:
-    if cfg.model.vocab_size < VOCAB_SIZE:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the byte tokenizer's {VOCAB_SIZE}: raise it")
+    datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
+    check_compatible(datasets, cfg.data.streams)
+    vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab} of "
+                          f"{datasets[0].name}: set model.vocab_size >= {vocab}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Fail on a bad layout before any process group exists.
     layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
@@ -102,20 +106,24 @@ def train(cfg: RunConfig) -> None:
         f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (no bf16 peak known for this device): MFU n/a",
     )
 
-    start_step = 0
+    start_step, data_state = 0, None
     if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(ckpt_dir))
-        start_step = client_state["step"]
+        start_step, data_state = client_state["step"], client_state["data"]
         log.info("resumed from %s at step %d", ckpt_dir, start_step)
 
-    files = corpus_files(cfg.data.corpus, cfg.data.pattern, cfg.data.exclude)
-    log.info("data: %d files from %s (%s), byte tokens", len(files), cfg.data.corpus, cfg.data.pattern)
+    d = cfg.data
     # Tensor-parallel peers read the same batches: the data split is by data-parallel rank only.
-    batches = (
-        (b[:, :-1].to(device), b[:, 1:].to(device))
-        for b in micro_batches(files, seq_len, t.seed, t.global_batch_size, t.micro_batch_size,
-                               topology.dp_rank, layout.dp, start_step)
+    # Middle pipeline stages never ask for a batch, so they read nothing.
+    loader = ShardLoader(
+        datasets, seq_len=seq_len, micro_batch=t.micro_batch_size, seed=t.seed, streams=d.streams,
+        workers=d.workers, dp_rank=topology.dp_rank, dp_size=layout.dp, shuffle=d.shuffle, on_error=d.on_error,
+        state=data_state,
     )
+    log.info("data: %s | %.1fM tokens | %d streams, %d per rank, %d workers", 
+             ", ".join(f"{ds.name} x {ds.weight:g}" for ds in datasets),
+             sum(ds.manifest["total_tokens"] for ds in datasets) / 1e6, d.streams, d.streams // layout.dp, d.workers)
+    batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in loader)
 
     metrics_file = run_dir / "metrics.jsonl"
     window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
@@ -149,7 +157,10 @@ def train(cfg: RunConfig) -> None:
             window_start, window_steps = time.perf_counter(), 0
 
         if step == t.max_steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+            states: list[dict | None] = [None] * layout.dp
+            dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
+                                   client_state={"step": step, "data": merge_states(states)})
 
     log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
              _duration(time.perf_counter() - run_start), first_loss, record["loss"])

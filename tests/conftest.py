@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny() -> ModelConfig:
     return ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                        ffn_hidden_size=128, max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def stdlib_shards(tmp_path_factory) -> Path:
+    """A few stdlib packages prepared into small shards with a 512-token BPE (the tiny preset's vocabulary)."""
+    from data.prepare import PrepareOptions, prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("stdlib_shards")
+    inputs = [str(stdlib / pkg) for pkg in ("json", "email", "logging", "concurrent", "importlib")]
+    prepare(inputs, PrepareOptions(out=out, pattern="**/*.py", vocab_size=512, sample_tokens=512,
+                                   shard_tokens=20_000, workers=2, on_error="skip"))
+    return out
+
+
+def data_args(shards: Path) -> list[str]:
+    """Overrides that point a run at `shards`, with one loader worker per rank."""
+    return [f"data.datasets=[{{path: {shards}}}]", "data.streams=4"]
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

@@ -10,16 +10,19 @@ import pytest
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, RunConfig, load_config, reference
+from tests.conftest import data_args
 
-TINY = ["configs/models/tiny.yaml", "configs/quickstart.yaml"]
+@pytest.fixture
+def tiny_args(stdlib_shards) -> list[str]:
+    return ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards)]
 
 
-def test_overrides_win_and_types_are_kept():
-    cfg = load_config(TINY, ["train.lr=1e-3", "model.num_layers=2", "train.betas=[0.8,0.9]"])
+def test_overrides_win_and_types_are_kept(tiny_args):
+    cfg = load_config(tiny_args[:2], [*tiny_args[2:], "train.lr=1e-3", "model.num_layers=2", "train.betas=[0.8,0.9]"])
     assert isinstance(cfg, RunConfig)
     assert cfg.train.lr == 1e-3 and cfg.model.num_layers == 2 and cfg.train.betas == [0.8, 0.9]
     assert cfg.model.hidden_size == 64  # from the preset
-    assert cfg.data.corpus.endswith("python3.11") or "python3" in cfg.data.corpus  # the stdlib resolver ran
+    assert cfg.data.datasets[0].weight == 1.0 and cfg.data.streams == 4
 
 
 def test_every_key_is_documented():
@@ -34,14 +37,15 @@ def test_every_key_is_documented():
         ("train.lrr=0.1", ["train.lrr", "unknown"]),
         ("model.num_kv_heads=3", ["model.num_heads=4", "model.num_kv_heads=3", "1, 2, 4"]),
         ("train.lr=-0.1", ["train.lr=-0.1", "positive"]),
-        ("data.corpus=/nonexistent/corpus", ["data.corpus=/nonexistent/corpus", "does not exist"]),
+        ("data.datasets=[{path: /nonexistent/corpus}]", ["data.datasets[0].path=/nonexistent/corpus", "prepare-data"]),
+        ("data.streams=3", ["train.global_batch_size=32", "data.streams=3"]),
         ("train.max_steps=many", ["train.max_steps", "many"]),
         ("data.seq_len=4096", ["data.seq_len=4096", "model.max_seq_len=1024"]),
         ("train.global_batch_size=10", ["train.global_batch_size=10", "micro_batch_size=16"]),
     ],
 )
-def test_bad_config_fails_with_one_line_naming_key_and_fix(override, names, capsys):
-    assert main(["train", *TINY, override]) == 2
+def test_bad_config_fails_with_one_line_naming_key_and_fix(override, names, capsys, tiny_args):
+    assert main(["train", *tiny_args, override]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     assert err.startswith("foundry: config error:")
@@ -49,21 +53,21 @@ def test_bad_config_fails_with_one_line_naming_key_and_fix(override, names, caps
         assert name in err, (name, err)
 
 
-def test_layout_that_cannot_split_the_batch_is_rejected():
+def test_layout_that_cannot_split_the_batch_is_rejected(tiny_args):
     from pretrain.config import check_world_size
 
-    cfg = load_config(TINY, ["train.global_batch_size=16", "train.micro_batch_size=4"])
+    cfg = load_config(tiny_args[:2], [*tiny_args[2:], "train.global_batch_size=16", "train.micro_batch_size=4"])
     assert check_world_size(cfg.train, 2) == 2
     with pytest.raises(ConfigError, match="micro_batch_size x data-parallel ranks = 4 x 3"):
         check_world_size(cfg.train, 3)
 
 
-def test_bad_config_fails_before_deepspeed_is_imported():
+def test_bad_config_fails_before_deepspeed_is_imported(tiny_args):
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from pretrain.cli import main; rc = main(sys.argv[1:]);"
          "assert 'deepspeed' not in sys.modules; sys.exit(rc)",
-         "train", *TINY, "model.num_kv_heads=3"],
+         "train", *tiny_args, "model.num_kv_heads=3"],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2, proc.stderr

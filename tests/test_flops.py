@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import load_config
+from pretrain.config import load_model_config
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
 from pretrain.model import Llama, num_parameters
 
@@ -19,7 +19,7 @@ PUBLISHED_PARAMS = {
 
 
 def preset(name: str):
-    return load_config([f"configs/models/{name}.yaml"], []).model
+    return load_model_config(f"configs/models/{name}.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import read_metrics, torchrun
+from tests.conftest import data_args, read_metrics, torchrun
 
 STEPS = 8
 COMMON = [
@@ -18,7 +18,7 @@ COMMON = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, stdlib_shards) -> dict[str, Path]:
     """One process with the whole batch, and two ZeRO-1 processes with half each (plus accumulation)."""
     root = tmp_path_factory.mktemp("runs")
     layouts = {
@@ -26,7 +26,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "zero1_dp2": (2, ["train.micro_batch_size=2", "parallel.zero_stage=1"]),  # 2 ranks x 2 micro x accum 2
     }
     for name, (nproc, extra) in layouts.items():
-        torchrun(nproc, [*COMMON, *extra, f"train.run_dir={root / name}"])
+        torchrun(nproc, [*COMMON, *data_args(stdlib_shards), *extra, f"train.run_dir={root / name}"])
     return {name: root / name for name in layouts}
 
 
@@ -37,7 +37,7 @@ def test_two_zero1_processes_match_one_process(runs):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (a, b)
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
-    assert single[-1]["loss"] < single[0]["loss"] - 0.5, "loss did not fall"
+    assert single[-1]["loss"] < single[0]["loss"] - 0.2, "loss did not fall"
 
 
 def test_run_dir_holds_the_resolved_config(runs):
@@ -46,11 +46,11 @@ def test_run_dir_holds_the_resolved_config(runs):
     assert "${" not in (runs["zero1_dp2"] / "config.yaml").read_text()  # interpolations resolved
 
 
-def test_resume_continues_exactly(runs):
+def test_resume_continues_exactly(runs, stdlib_shards):
     run_dir = runs["zero1_dp2"]
     before = {m["step"]: m for m in read_metrics(run_dir)}
     (run_dir / "checkpoints" / "latest").write_text("step4")  # as if the run had died after step 4
-    torchrun(2, [*COMMON, "train.micro_batch_size=2", f"train.run_dir={run_dir}"])
+    torchrun(2, [*COMMON, *data_args(stdlib_shards), "train.micro_batch_size=2", f"train.run_dir={run_dir}"])
     after = read_metrics(run_dir)[STEPS:]
     assert [m["step"] for m in after] == list(range(5, STEPS + 1))
     for m in after:

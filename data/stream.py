@@ -1,0 +1,303 @@
+"""Packed training windows streamed from token shards, resumable to the exact token.
+
+The unit of reading is a *stream*: `data.streams` independent readers, fixed for a run. In each
+epoch the shards of a dataset are permuted with the seed, and stream s reads positions
+s, s + S, s + 2S, ... of that order, so every token is read once per epoch across streams.
+Within a shard (the shuffle buffer: a shard's samples are held in memory) samples are read in a
+seeded permutation. A stream's tokens are packed into windows of seq_len + 1 tokens across
+sample and document boundaries; with several datasets, each window comes from one dataset
+drawn with the configured weights.
+
+Window j of the global sequence comes from stream j % S. Data-parallel rank r owns streams
+r, r + dp, ...; its loader workers split those. A step's windows are j in [t*G, (t+1)*G) for
+global batch G, so *what* a step trains on does not depend on dp or the number of workers,
+only on the seed, S and G (S must divide G, and dp x workers must divide S).
+
+A stream's position is tiny (per dataset: epoch, shard, sample, token offset; and its window
+count), attached to every window, and saved in checkpoints. Resuming re-reads the current
+shard and continues at the next token. Changing dp or workers between runs keeps the exact
+continuation as long as dp x workers still divides S; changing S is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.prepare import FORMAT, MANIFEST
+from data.tokenizer import DataError
+
+log = logging.getLogger("foundry")
+
+MIX_BLOCK = 4096  # dataset choices are drawn in blocks of this many windows: one RNG per block
+
+
+@dataclass
+class Dataset:
+    """One prepared dataset: its manifest and where its shards are read from."""
+
+    name: str
+    manifest: dict[str, Any]
+    urls: list[str]
+    weight: float
+
+
+def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dataset:
+    """Read a manifest (a directory holding manifest.json, or the file); shards are next to it unless
+    `urls` (a brace pattern webdataset expands, e.g. "pipe:curl -s http://host/shard-{000000..000031}.tar")
+    says where they are."""
+    manifest_path = Path(path) / MANIFEST if Path(path).is_dir() else Path(path)
+    if not manifest_path.is_file():
+        raise DataError(f"no manifest at {manifest_path}: run `foundry prepare-data ... --out {path}` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"manifest {manifest_path} is not valid JSON ({e}): prepare the data again") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{manifest_path} is not a {FORMAT} manifest: prepare the data with `foundry prepare-data`")
+    if urls is not None:
+        shard_urls = list(wds.shardlists.expand_urls(urls))
+        if len(shard_urls) != len(manifest["shards"]):
+            raise DataError(f"{urls} names {len(shard_urls)} shards but {manifest_path} lists "
+                            f"{len(manifest['shards'])}: make them agree")
+    else:
+        shard_urls = [str(manifest_path.parent / s["url"]) for s in manifest["shards"]]
+    return Dataset(name=str(path), manifest=manifest, urls=shard_urls, weight=weight)
+
+
+def check_compatible(datasets: list[Dataset], streams: int) -> None:
+    """All datasets share one tokenizer, and each has a shard for every stream."""
+    first = datasets[0]
+    for ds in datasets:
+        if ds.manifest["tokenizer"]["fingerprint"] != first.manifest["tokenizer"]["fingerprint"]:
+            raise DataError(
+                f"{ds.name} was tokenized with another tokenizer than {first.name} (fingerprints "
+                f"{ds.manifest['tokenizer']['fingerprint']} vs {first.manifest['tokenizer']['fingerprint']}): "
+                f"prepare both with the same --tokenizer"
+            )
+        if len(ds.urls) < streams:
+            raise DataError(f"{ds.name} has {len(ds.urls)} shards, fewer than data.streams={streams}: "
+                            f"prepare it with a smaller --shard-tokens or lower data.streams")
+
+
+@dataclass
+class Position:
+    """Where a stream is in one dataset: the next token to read."""
+
+    epoch: int = 0
+    shard: int = 0  # index into this stream's shard list of the epoch
+    sample: int = 0  # index into the shard's sample order
+    token: int = 0  # offset inside that sample
+    skipped_shards: int = 0
+
+
+class _Cursor:
+    """Reads one dataset's tokens for one stream from a Position, advancing it."""
+
+    def __init__(self, ds: Dataset, stream: int, streams: int, seed: int, shuffle: bool, on_error: str,
+                 position: Position):
+        self.ds, self.stream, self.streams, self.seed = ds, stream, streams, seed
+        self.shuffle, self.on_error, self.pos = shuffle, on_error, position
+        self.vocab_size = ds.manifest["tokenizer"]["vocab_size"]
+        self._loaded: tuple[tuple[int, int], list[np.ndarray], np.ndarray] | None = None
+
+    def _shard_ids(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.pos.epoch]).permutation(len(self.ds.urls))
+        return order[self.stream :: self.streams]
+
+    def _samples(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """The current shard's samples and their reading order, loading the shard if needed."""
+        while True:
+            shard_ids = self._shard_ids()
+            if self.pos.shard >= len(shard_ids):
+                self.pos = Position(epoch=self.pos.epoch + 1, skipped_shards=self.pos.skipped_shards)
+                continue
+            key = (self.pos.epoch, self.pos.shard)
+            if self._loaded is not None and self._loaded[0] == key:
+                return self._loaded[1], self._loaded[2]
+            shard_id = int(shard_ids[self.pos.shard])
+            try:
+                samples = read_shard(self.ds.urls[shard_id], self.vocab_size)
+            except DataError as e:
+                if self.on_error == "stop":
+                    raise
+                self.pos.skipped_shards += 1
+                log.warning("skipped shard (%d so far): %s", self.pos.skipped_shards, e)
+                self.pos.shard, self.pos.sample, self.pos.token = self.pos.shard + 1, 0, 0
+                continue
+            order = np.arange(len(samples))
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.pos.epoch, shard_id]).permutation(len(samples))
+            self._loaded = (key, samples, order)
+            return samples, order
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens of this stream, crossing sample, shard and epoch boundaries."""
+        pieces, need = [], n
+        while need:
+            samples, order = self._samples()
+            if self.pos.sample >= len(order):
+                self.pos.shard, self.pos.sample, self.pos.token = self.pos.shard + 1, 0, 0
+                continue
+            sample = samples[order[self.pos.sample]]
+            piece = sample[self.pos.token : self.pos.token + need]
+            pieces.append(piece)
+            need -= len(piece)
+            self.pos.token += len(piece)
+            if self.pos.token >= len(sample):
+                self.pos.sample, self.pos.token = self.pos.sample + 1, 0
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def read_shard(url: str, vocab_size: int) -> list[np.ndarray]:
+    """All samples of one shard; DataError naming the shard if it is missing, truncated or corrupt."""
+    samples = []
+    try:
+        for sample in wds.WebDataset(url, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                     empty_check=False):
+            tokens = np.load(io.BytesIO(sample["tokens.npy"]))
+            if tokens.size and int(tokens.max()) >= vocab_size:
+                raise DataError(f"shard {url} sample {sample['__key__']} has token id {int(tokens.max())} >= "
+                                f"vocabulary size {vocab_size}: the shard does not belong to this manifest")
+            samples.append(tokens)
+    except DataError:
+        raise
+    except Exception as e:  # tarfile, IO and pipe errors surface as many types
+        raise DataError(f"cannot read shard {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+                        f"check that it exists and is a complete tar written by prepare-data") from None
+    if not samples:
+        raise DataError(f"shard {url} holds no samples: prepare the data again")
+    return samples
+
+
+@dataclass
+class StreamState:
+    windows: int = 0
+    positions: dict[str, Position] = field(default_factory=dict)
+    taken: dict[str, int] = field(default_factory=dict)  # windows drawn from each dataset
+
+
+def stream_windows(datasets: list[Dataset], stream: int, streams: int, seed: int, seq_len: int, shuffle: bool,
+                   on_error: str, state: StreamState) -> Iterator[tuple[np.ndarray, StreamState]]:
+    """Endless windows (seq_len + 1 tokens) of one stream, each with the stream's state after it."""
+    cursors = [
+        _Cursor(ds, stream, streams, seed, shuffle, on_error, state.positions.setdefault(ds.name, Position()))
+        for ds in datasets
+    ]
+    weights = np.array([ds.weight for ds in datasets], dtype=np.float64)
+    cumulative = np.cumsum(weights / weights.sum())
+    while True:
+        block, offset = divmod(state.windows, MIX_BLOCK)
+        draws = np.random.default_rng([seed, 1_000_003, stream, block]).random(MIX_BLOCK)
+        for u in draws[offset:]:
+            cursor = cursors[int(np.searchsorted(cumulative, u, side="right").clip(max=len(cursors) - 1))]
+            window = cursor.take(seq_len + 1)
+            state.windows += 1
+            state.positions[cursor.ds.name] = cursor.pos
+            state.taken[cursor.ds.name] = state.taken.get(cursor.ds.name, 0) + 1
+            yield window, state
+
+
+class _Windows(IterableDataset):
+    """The windows of some streams, for DataLoader workers: worker w of W reads streams[w::W],
+    yielding from them in turn, so the main process sees the streams in their fixed order."""
+
+    def __init__(self, datasets: list[Dataset], streams: list[int], num_streams: int, seed: int, seq_len: int,
+                 shuffle: bool, on_error: str, states: dict[int, StreamState]):
+        self.datasets, self.streams, self.num_streams = datasets, streams, num_streams
+        self.seed, self.seq_len, self.shuffle, self.on_error, self.states = seed, seq_len, shuffle, on_error, states
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.streams[worker::workers]
+        iters = [
+            stream_windows(self.datasets, s, self.num_streams, self.seed, self.seq_len, self.shuffle, self.on_error,
+                           _copy_state(self.states.get(s, StreamState())))
+            for s in mine
+        ]
+        while True:
+            for s, it in zip(mine, iters):
+                window, state = next(it)
+                yield torch.from_numpy(window), s, _state_to_dict(state)
+
+
+class ShardLoader:
+    """This data-parallel rank's micro-batches (micro_batch, seq_len + 1) from token shards."""
+
+    def __init__(self, datasets: list[Dataset], *, seq_len: int, micro_batch: int, seed: int, streams: int,
+                 workers: int, dp_rank: int, dp_size: int, shuffle: bool = True, on_error: str = "stop",
+                 state: dict | None = None):
+        if streams % (dp_size * max(workers, 1)):
+            raise DataError(f"data.streams={streams} is not divisible by data-parallel ranks x data.workers = "
+                            f"{dp_size} x {max(workers, 1)}: use a multiple of {dp_size * max(workers, 1)}")
+        check_compatible(datasets, streams)
+        if state is not None and state["streams"] != streams:
+            raise DataError(f"the checkpoint's data position has {state['streams']} streams but data.streams="
+                            f"{streams}: keep data.streams={state['streams']} to resume")
+        self.streams = list(range(dp_rank, streams, dp_size))
+        self.micro_batch, self.num_streams = micro_batch, streams
+        saved = {int(k): v for k, v in (state or {}).get("positions", {}).items()}
+        self.states: dict[int, dict] = {s: saved.get(s, _state_to_dict(StreamState())) for s in self.streams}
+        windows = _Windows(datasets, self.streams, streams, seed, seq_len, shuffle, on_error,
+                           {s: _state_from_dict(d) for s, d in self.states.items()})
+        self.loader = DataLoader(windows, batch_size=None, num_workers=workers,
+                                 prefetch_factor=8 if workers else None, persistent_workers=False)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        batch = []
+        for window, stream, state in self.loader:
+            batch.append(window)
+            self.states[stream] = state
+            if len(batch) == self.micro_batch:
+                yield torch.stack(batch)
+                batch = []
+
+    def state_dict(self) -> dict:
+        """This rank's streams' positions (merge all ranks' with `merge_states` for a checkpoint)."""
+        return {"streams": self.num_streams, "positions": dict(self.states)}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The data position of the whole run from each data-parallel rank's `state_dict()`."""
+    merged = {"streams": states[0]["streams"], "positions": {}}
+    for s in states:
+        merged["positions"].update({int(k): v for k, v in s["positions"].items()})
+    return merged
+
+
+def windows_taken(state: dict) -> dict[str, int]:
+    """Windows drawn from each dataset so far, over all streams: the realised mixture."""
+    total: dict[str, int] = {}
+    for stream in state["positions"].values():
+        for name, n in stream["taken"].items():
+            total[name] = total.get(name, 0) + n
+    return total
+
+
+def skipped_shards(state: dict) -> int:
+    return sum(p["skipped_shards"] for s in state["positions"].values() for p in s["positions"].values())
+
+
+def _state_to_dict(state: StreamState) -> dict:
+    return {"windows": state.windows, "positions": {k: asdict(v) for k, v in state.positions.items()},
+            "taken": dict(state.taken)}
+
+
+def _state_from_dict(d: dict) -> StreamState:
+    return StreamState(windows=d["windows"], positions={k: Position(**v) for k, v in d["positions"].items()},
+                       taken=dict(d["taken"]))
+
+
+def _copy_state(state: StreamState) -> StreamState:
+    return _state_from_dict(_state_to_dict(state))
