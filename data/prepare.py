@@ -43,7 +43,7 @@ class PrepareOptions:
     pattern: str = "**/*"
     exclude: tuple[str, ...] = ()
     text_field: str = "text"
-    sample_tokens: int = 2048
+    sample_tokens: int = 16384
     shard_tokens: int = 50_000_000
     workers: int = os.cpu_count() or 1
     on_error: str = "stop"  # or "skip": bad files are logged, counted and left out

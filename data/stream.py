@@ -13,9 +13,11 @@ r, r + dp, ...; its loader workers split those. A step's windows are j in [t*G, 
 global batch G, so *what* a step trains on does not depend on dp or the number of workers,
 only on the seed, S and G (S must divide G, and dp x workers must divide S).
 
-A stream's position is tiny (per dataset: epoch, shard, sample, token offset; and its window
-count), attached to every window, and saved in checkpoints. Resuming re-reads the current
-shard and continues at the next token. Changing dp or workers between runs keeps the exact
+A stream is produced in blocks of ~64k tokens (one message per block from a loader worker).
+Its position is the state at the start of the current block (per dataset: epoch, shard,
+sample, token offset) plus the windows consumed from the block: a few numbers, saved in
+checkpoints. Resuming regenerates that block (re-reading the current shard) and skips the
+consumed windows, so training continues at the exact next token. Changing dp or workers between runs keeps the exact
 continuation as long as dp x workers still divides S; changing S is refused.
 """
 
@@ -40,6 +42,7 @@ from data.tokenizer import DataError
 log = logging.getLogger("foundry")
 
 MIX_BLOCK = 4096  # dataset choices are drawn in blocks of this many windows: one RNG per block
+BLOCK_TOKENS = 65536  # a stream is produced in blocks of about this many tokens (see block_windows)
 
 
 @dataclass
@@ -173,7 +176,8 @@ def read_shard(url: str, vocab_size: int) -> list[np.ndarray]:
     except DataError:
         raise
     except Exception as e:  # tarfile, IO and pipe errors surface as many types
-        raise DataError(f"cannot read shard {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
+        detail = str(e.args[0]).splitlines()[0] if e.args else ""
+        raise DataError(f"cannot read shard {url}: {type(e).__name__}: {detail}; "
                         f"check that it exists and is a complete tar written by prepare-data") from None
     if not samples:
         raise DataError(f"shard {url} holds no samples: prepare the data again")
@@ -187,53 +191,82 @@ class StreamState:
     taken: dict[str, int] = field(default_factory=dict)  # windows drawn from each dataset
 
 
-def stream_windows(datasets: list[Dataset], stream: int, streams: int, seed: int, seq_len: int, shuffle: bool,
-                   on_error: str, state: StreamState) -> Iterator[tuple[np.ndarray, StreamState]]:
-    """Endless windows (seq_len + 1 tokens) of one stream, each with the stream's state after it."""
+def block_windows(seq_len: int) -> int:
+    """Windows per block: streams are produced, shipped from workers and resumed in blocks of
+    about BLOCK_TOKENS tokens, so per-window Python work and inter-process messages stay rare."""
+    return max(1, BLOCK_TOKENS // (seq_len + 1))
+
+
+def _choices(seed: int, stream: int, first: int, count: int, cumulative: np.ndarray) -> np.ndarray:
+    """The dataset of windows first .. first+count-1 of a stream: a pure function of the window index."""
+    blocks = range(first // MIX_BLOCK, (first + count - 1) // MIX_BLOCK + 1)
+    draws = np.concatenate([np.random.default_rng([seed, 1_000_003, stream, b]).random(MIX_BLOCK) for b in blocks])
+    offset = first - blocks[0] * MIX_BLOCK
+    return np.searchsorted(cumulative, draws[offset : offset + count], side="right").clip(max=len(cumulative) - 1)
+
+
+def stream_blocks(datasets: list[Dataset], stream: int, streams: int, seed: int, seq_len: int, shuffle: bool,
+                  on_error: str, state: StreamState) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
+    """Endless blocks of one stream: windows (block, seq_len + 1) int32, the dataset index of each
+    window, and the stream's state at the start of the block (resume = regenerate, skip)."""
     cursors = [
         _Cursor(ds, stream, streams, seed, shuffle, on_error, state.positions.setdefault(ds.name, Position()))
         for ds in datasets
     ]
     weights = np.array([ds.weight for ds in datasets], dtype=np.float64)
     cumulative = np.cumsum(weights / weights.sum())
+    block, width = block_windows(seq_len), seq_len + 1
     while True:
-        block, offset = divmod(state.windows, MIX_BLOCK)
-        draws = np.random.default_rng([seed, 1_000_003, stream, block]).random(MIX_BLOCK)
-        for u in draws[offset:]:
-            cursor = cursors[int(np.searchsorted(cumulative, u, side="right").clip(max=len(cursors) - 1))]
-            window = cursor.take(seq_len + 1)
-            state.windows += 1
-            state.positions[cursor.ds.name] = cursor.pos
-            state.taken[cursor.ds.name] = state.taken.get(cursor.ds.name, 0) + 1
-            yield window, state
+        start = _state_to_dict(state)
+        choices = _choices(seed, stream, state.windows, block, cumulative)
+        windows = np.empty((block, width), dtype=np.int32)
+        # A dataset's windows are consecutive reads of its cursor, so taking them together is the same
+        # as taking them one by one in the drawn order.
+        for d in np.unique(choices):
+            rows = np.flatnonzero(choices == d)
+            windows[rows] = cursors[d].take(len(rows) * width).reshape(len(rows), width)
+            name = datasets[d].name
+            state.positions[name] = cursors[d].pos
+            state.taken[name] = state.taken.get(name, 0) + len(rows)
+        state.windows += block
+        yield windows, choices, start
 
 
-class _Windows(IterableDataset):
-    """The windows of some streams, for DataLoader workers: worker w of W reads streams[w::W],
-    yielding from them in turn, so the main process sees the streams in their fixed order."""
+class _Blocks(IterableDataset):
+    """Blocks of some streams, for DataLoader workers: worker w of W produces streams[w::W] in turn."""
 
     def __init__(self, datasets: list[Dataset], streams: list[int], num_streams: int, seed: int, seq_len: int,
-                 shuffle: bool, on_error: str, states: dict[int, StreamState]):
+                 shuffle: bool, on_error: str, starts: dict[int, dict]):
         self.datasets, self.streams, self.num_streams = datasets, streams, num_streams
-        self.seed, self.seq_len, self.shuffle, self.on_error, self.states = seed, seq_len, shuffle, on_error, states
+        self.seed, self.seq_len, self.shuffle, self.on_error, self.starts = seed, seq_len, shuffle, on_error, starts
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.streams[worker::workers]
         iters = [
-            stream_windows(self.datasets, s, self.num_streams, self.seed, self.seq_len, self.shuffle, self.on_error,
-                           _copy_state(self.states.get(s, StreamState())))
+            stream_blocks(self.datasets, s, self.num_streams, self.seed, self.seq_len, self.shuffle, self.on_error,
+                          _state_from_dict(self.starts[s]))
             for s in mine
         ]
         while True:
             for s, it in zip(mine, iters):
-                window, state = next(it)
-                yield torch.from_numpy(window), s, _state_to_dict(state)
+                windows, choices, start = next(it)
+                yield s, torch.from_numpy(windows), choices, start
+
+
+@dataclass
+class _Current:
+    """The block of a stream the training loop is reading, and how far."""
+
+    windows: torch.Tensor
+    choices: np.ndarray
+    start: dict
+    consumed: int
 
 
 class ShardLoader:
-    """This data-parallel rank's micro-batches (micro_batch, seq_len + 1) from token shards."""
+    """This data-parallel rank's micro-batches (micro_batch, seq_len + 1) int64 from token shards."""
 
     def __init__(self, datasets: list[Dataset], *, seq_len: int, micro_batch: int, seed: int, streams: int,
                  workers: int, dp_rank: int, dp_size: int, shuffle: bool = True, on_error: str = "stop",
@@ -242,35 +275,60 @@ class ShardLoader:
             raise DataError(f"data.streams={streams} is not divisible by data-parallel ranks x data.workers = "
                             f"{dp_size} x {max(workers, 1)}: use a multiple of {dp_size * max(workers, 1)}")
         check_compatible(datasets, streams)
-        if state is not None and state["streams"] != streams:
-            raise DataError(f"the checkpoint's data position has {state['streams']} streams but data.streams="
-                            f"{streams}: keep data.streams={state['streams']} to resume")
+        if state is not None and (state["streams"], state["block"]) != (streams, block_windows(seq_len)):
+            raise DataError(f"the checkpoint's data position has {state['streams']} streams of "
+                            f"{state['block']}-window blocks; this run has data.streams={streams} and data.seq_len="
+                            f"{seq_len}: keep both as they were to resume")
+        self.datasets = datasets
         self.streams = list(range(dp_rank, streams, dp_size))
-        self.micro_batch, self.num_streams = micro_batch, streams
+        self.micro_batch, self.num_streams, self.block = micro_batch, streams, block_windows(seq_len)
         saved = {int(k): v for k, v in (state or {}).get("positions", {}).items()}
-        self.states: dict[int, dict] = {s: saved.get(s, _state_to_dict(StreamState())) for s in self.streams}
-        windows = _Windows(datasets, self.streams, streams, seed, seq_len, shuffle, on_error,
-                           {s: _state_from_dict(d) for s, d in self.states.items()})
-        self.loader = DataLoader(windows, batch_size=None, num_workers=workers,
-                                 prefetch_factor=8 if workers else None, persistent_workers=False)
+        fresh = {"start": _state_to_dict(StreamState()), "consumed": 0}
+        self.resume_at = {s: saved.get(s, fresh) for s in self.streams}
+        self.current: dict[int, _Current | None] = {s: None for s in self.streams}
+        blocks = _Blocks(datasets, self.streams, streams, seed, seq_len, shuffle, on_error,
+                         {s: p["start"] for s, p in self.resume_at.items()})
+        self.loader = DataLoader(blocks, batch_size=None, num_workers=workers,
+                                 prefetch_factor=4 if workers else None, persistent_workers=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        batch = []
-        for window, stream, state in self.loader:
-            batch.append(window)
-            self.states[stream] = state
-            if len(batch) == self.micro_batch:
-                yield torch.stack(batch)
-                batch = []
+        blocks = iter(self.loader)
+        pending: dict[int, list] = {s: [] for s in self.streams}
+        for s in self.streams:  # the first block of each stream resumes mid-block
+            self.current[s] = None
+        order = self.streams
+        i = 0
+        while True:
+            rows = []
+            for _ in range(self.micro_batch):
+                s = order[i % len(order)]
+                i += 1
+                cur = self.current[s]
+                if cur is None or cur.consumed == len(cur.windows):
+                    while not pending[s]:
+                        stream, windows, choices, start = next(blocks)
+                        pending[stream].append((windows, choices, start))
+                    windows, choices, start = pending[s].pop(0)
+                    skip = self.resume_at[s]["consumed"] if cur is None else 0
+                    cur = self.current[s] = _Current(windows, choices, start, skip)
+                rows.append(cur.windows[cur.consumed])
+                cur.consumed += 1
+            yield torch.stack(rows).long()
 
     def state_dict(self) -> dict:
         """This rank's streams' positions (merge all ranks' with `merge_states` for a checkpoint)."""
-        return {"streams": self.num_streams, "positions": dict(self.states)}
+        positions = {}
+        for s in self.streams:
+            cur = self.current[s]
+            positions[s] = self.resume_at[s] if cur is None else {"start": cur.start, "consumed": cur.consumed,
+                                                                     "choices": cur.choices[: cur.consumed].tolist()}
+        return {"streams": self.num_streams, "block": self.block, "datasets": [d.name for d in self.datasets],
+                "positions": positions}
 
 
 def merge_states(states: list[dict]) -> dict:
     """The data position of the whole run from each data-parallel rank's `state_dict()`."""
-    merged = {"streams": states[0]["streams"], "positions": {}}
+    merged = {**states[0], "positions": {}}
     for s in states:
         merged["positions"].update({int(k): v for k, v in s["positions"].items()})
     return merged
@@ -279,14 +337,17 @@ def merge_states(states: list[dict]) -> dict:
 def windows_taken(state: dict) -> dict[str, int]:
     """Windows drawn from each dataset so far, over all streams: the realised mixture."""
     total: dict[str, int] = {}
-    for stream in state["positions"].values():
-        for name, n in stream["taken"].items():
+    for p in state["positions"].values():
+        for name, n in p["start"]["taken"].items():
             total[name] = total.get(name, 0) + n
+        for d in p.get("choices", []):
+            name = state["datasets"][d]
+            total[name] = total.get(name, 0) + 1
     return total
 
 
 def skipped_shards(state: dict) -> int:
-    return sum(p["skipped_shards"] for s in state["positions"].values() for p in s["positions"].values())
+    return sum(pos["skipped_shards"] for p in state["positions"].values() for pos in p["start"]["positions"].values())
 
 
 def _state_to_dict(state: StreamState) -> dict:
@@ -297,7 +358,3 @@ def _state_to_dict(state: StreamState) -> dict:
 def _state_from_dict(d: dict) -> StreamState:
     return StreamState(windows=d["windows"], positions={k: Position(**v) for k, v in d["positions"].items()},
                        taken=dict(d["taken"]))
-
-
-def _copy_state(state: StreamState) -> StreamState:
-    return _state_from_dict(_state_to_dict(state))

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--pattern", default="**/*", help="glob of files inside input directories (default **/*)")
     prep.add_argument("--exclude", action="append", default=[], help="glob (relative to an input directory) to skip")
     prep.add_argument("--text-field", default="text", help="field holding the document in .jsonl (default text)")
-    prep.add_argument("--sample-tokens", type=int, default=2048, help="token ids per stored sample (default 2048)")
+    prep.add_argument("--sample-tokens", type=int, default=16384, help="token ids per stored sample (default 16384)")
     prep.add_argument("--shard-tokens", type=int, default=50_000_000, help="close a shard after this many tokens")
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",

@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from data.prepare import PrepareOptions, prepare
-from data.stream import ShardLoader, merge_states, open_dataset, read_shard, skipped_shards, windows_taken
+from data.stream import ShardLoader, block_windows, merge_states, open_dataset, read_shard, skipped_shards, windows_taken
 from data.tokenizer import DataError
 
 SEQ = 31
@@ -171,7 +171,7 @@ def test_skip_policy_counts_and_goes_on(tmp_path, shards):
     loader = ShardLoader(datasets, seq_len=SEQ, micro_batch=1, seed=7, streams=4, workers=0, dp_rank=0, dp_size=1,
                          on_error="skip")
     it = iter(loader)
-    for _ in range(400):  # more than an epoch
+    for _ in range(4 * block_windows(SEQ) + 4):  # every stream into its second block, which starts with the count
         next(it)
     assert skipped_shards(loader.state_dict()) >= 1
     strict = ShardLoader(datasets, seq_len=SEQ, micro_batch=1, seed=7, streams=4, workers=0, dp_rank=0, dp_size=1)
