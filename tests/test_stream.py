@@ -215,3 +215,16 @@ def test_compressed_jsonl_inputs(tmp_path, shards):
     eos = manifest["tokenizer"]["eos_id"]
     tokens = _all_tokens(tmp_path / "out")
     assert tokens.count(eos) == 11  # ten jsonl documents and one text file, each closed by EOS
+
+
+def test_shards_stream_from_a_pipe_url_with_a_brace_pattern(shards):
+    """Remote stores are read through whatever webdataset opens; `pipe:` runs a command per shard."""
+    n = len(json.loads((shards / "manifest.json").read_text())["shards"])
+    urls = f"pipe:cat {shards}/shard-{{000000..{n - 1:06d}}}.tar"
+    local, piped = iter(_loader([shards])), iter(ShardLoader(
+        [open_dataset(str(shards), urls=urls)], seq_len=SEQ, micro_batch=1, seed=7, streams=4, workers=0,
+        dp_rank=0, dp_size=1))
+    for _ in range(50):
+        assert np.array_equal(next(local), next(piped))
+    with pytest.raises(DataError, match=f"names {n - 1} shards but"):
+        open_dataset(str(shards), urls=f"pipe:cat {shards}/shard-{{000000..{n - 2:06d}}}.tar")

@@ -6,7 +6,7 @@
    stream, in-process and with a loader worker, against slicing the same tokens from a numpy
    memmap (the lower bound of any loader: no tar parsing, no packing bookkeeping).
 
-    python benchmarks/data.py [--seconds 5]
+    python benchmarks/data_pipeline.py [--seconds 5]
 
 Uses the Python standard library's source as text (as the quickstart does).
 """
@@ -54,7 +54,7 @@ def bench_prepare(work: Path, workers: int) -> tuple[list[tuple[str, str]], Path
     out = work / "shards"
     start = time.perf_counter()
     manifest = prepare(inputs, PrepareOptions(out=out, tokenizer=str(tok_path), pattern="**/*.py",
-                                              shard_tokens=200_000, workers=workers, on_error="skip"))
+                                              shard_tokens=100_000, workers=workers, on_error="skip"))
     ours_s = time.perf_counter() - start
     rows = [
         (f"tokenizer.encode_batch, in memory ({len(texts)} docs)", rate(ref_tokens, ref_s)),
