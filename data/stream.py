@@ -78,6 +78,13 @@ def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dat
     return Dataset(name=str(path), manifest=manifest, urls=shard_urls, weight=weight)
 
 
+def check_readers(streams: int, dp_size: int, workers: int) -> None:
+    """Every rank's workers must own whole streams."""
+    if streams % (dp_size * max(workers, 1)):
+        raise DataError(f"data.streams={streams} is not divisible by data-parallel ranks x data.workers = "
+                        f"{dp_size} x {max(workers, 1)}: use a multiple of {dp_size * max(workers, 1)}")
+
+
 def check_compatible(datasets: list[Dataset], streams: int) -> None:
     """All datasets share one tokenizer, and each has a shard for every stream."""
     first = datasets[0]
@@ -271,9 +278,7 @@ class ShardLoader:
     def __init__(self, datasets: list[Dataset], *, seq_len: int, micro_batch: int, seed: int, streams: int,
                  workers: int, dp_rank: int, dp_size: int, shuffle: bool = True, on_error: str = "stop",
                  state: dict | None = None):
-        if streams % (dp_size * max(workers, 1)):
-            raise DataError(f"data.streams={streams} is not divisible by data-parallel ranks x data.workers = "
-                            f"{dp_size} x {max(workers, 1)}: use a multiple of {dp_size * max(workers, 1)}")
+        check_readers(streams, dp_size, workers)
         check_compatible(datasets, streams)
         if state is not None and (state["streams"], state["block"]) != (streams, block_windows(seq_len)):
             raise DataError(f"the checkpoint's data position has {state['streams']} streams of "

@@ -225,6 +225,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0 or cfg.checkpoint.interval < 0:
         raise ConfigError("train.warmup_steps, train.weight_decay, train.grad_clip and checkpoint.interval must be >= 0")
+    if t.warmup_steps >= t.max_steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} is not below train.max_steps={t.max_steps}: "
+                          f"lower warmup_steps (e.g. {max(t.max_steps // 10, 0)})")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]: e.g. 0.1")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

@@ -81,7 +81,11 @@ def init_distributed(device: torch.device) -> None:
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce at every start (~50 s cold)
         # that only its inference path uses: mark it unavailable so gloo's allreduce is used.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # Our own init binds NCCL to this rank's GPU (DeepSpeed's cannot), so collectives never guess the
+    # device; DeepSpeed then adopts the existing group.
+    torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.stream import ShardLoader, check_compatible, merge_states, open_dataset
+from data.stream import ShardLoader, check_compatible, check_readers, merge_states, open_dataset
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
@@ -70,6 +70,7 @@ def train(cfg: RunConfig) -> None:
     # Fail on a bad layout before any process group exists.
     layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
     grad_accum = check_world_size(cfg.train, layout.dp)
+    check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
     device = pick_device()
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
@@ -120,7 +121,7 @@ def train(cfg: RunConfig) -> None:
         workers=d.workers, dp_rank=topology.dp_rank, dp_size=layout.dp, shuffle=d.shuffle, on_error=d.on_error,
         state=data_state,
     )
-    log.info("data: %s | %.1fM tokens | %d streams, %d per rank, %d workers", 
+    log.info("data: %s | %.1fM tokens | %d streams, %d per rank, %d workers",
              ", ".join(f"{ds.name} x {ds.weight:g}" for ds in datasets),
              sum(ds.manifest["total_tokens"] for ds in datasets) / 1e6, d.streams, d.streams // layout.dp, d.workers)
     batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in loader)
