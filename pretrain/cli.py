@@ -13,6 +13,7 @@ import os
 import sys
 
 from data.tokenizer import DataError
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config, load_model_config, reference
 
 
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as e:
         print(f"foundry: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"foundry: checkpoint error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ Rank 0 writes the resolved config (`config.yaml`) and one JSON line per logged s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from data.stream import ShardLoader, check_compatible, check_readers, merge_stat
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
+from pretrain import checkpoint
 from pretrain import engine as ds_engine
 from pretrain.config import ConfigError, RunConfig, check_world_size, to_yaml
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
@@ -107,11 +109,17 @@ def train(cfg: RunConfig) -> None:
         f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (no bf16 peak known for this device): MFU n/a",
     )
 
+    # What a checkpoint must match to be loaded by this run (resharding is not supported yet).
+    identity = {"model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(layout),
+                "zero_stage": cfg.parallel.zero_stage}
+    identity = json.loads(json.dumps(identity))  # as it reads back from the marker
     start_step, data_state = 0, None
-    if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+    tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None
+    if tag is not None:
+        client_state = checkpoint.load(engine, ckpt_dir, tag, identity)
         start_step, data_state = client_state["step"], client_state["data"]
-        log.info("resumed from %s at step %d", ckpt_dir, start_step)
+        log.info("resumed from %s at step %d (%.1fM tokens seen)", ckpt_dir / tag, start_step,
+                 client_state["tokens"] / 1e6)
 
     d = cfg.data
     # Tensor-parallel peers read the same batches: the data split is by data-parallel rank only.
@@ -160,8 +168,9 @@ def train(cfg: RunConfig) -> None:
         if step == t.max_steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             states: list[dict | None] = [None] * layout.dp
             dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}",
-                                   client_state={"step": step, "data": merge_states(states)})
+            client_state = {"step": step, "tokens": step * tokens_per_step, "data": merge_states(states),
+                            "config": to_yaml(cfg)}
+            checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep)
 
     log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
              _duration(time.perf_counter() - run_start), first_loss, record["loss"])

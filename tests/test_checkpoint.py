@@ -1,0 +1,109 @@
+"""Checkpoints: exact resume under several layouts, and no half-written checkpoint ever loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import MARKER, POINTER, CheckpointError, tag_for, verify
+from tests.conftest import REPO, data_args, read_metrics, torchrun
+
+STEPS = 10
+COMMON = [
+    "configs/models/tiny.yaml", "configs/quickstart.yaml", f"train.max_steps={STEPS}", "train.global_batch_size=8",
+    "train.micro_batch_size=2", "train.warmup_steps=2", "data.seq_len=64", "tracking.log_interval=1",
+    "checkpoint.interval=5", "checkpoint.resume=true",
+]
+
+
+@pytest.mark.parametrize("nproc, layout", [(1, []), (2, ["parallel.tensor=2"]), (2, ["parallel.pipeline=2"])],
+                         ids=["single", "tp2", "pp2"])
+def test_stop_and_resume_gives_bitwise_identical_losses(tmp_path, stdlib_shards, nproc, layout):
+    args = [*COMMON, *data_args(stdlib_shards), *layout, f"train.run_dir={tmp_path}"]
+    torchrun(nproc, args)
+    straight = {m["step"]: m for m in read_metrics(tmp_path)}
+    (tmp_path / "checkpoints" / POINTER).write_text(tag_for(5))  # as if the run had stopped after step 5
+    torchrun(nproc, args)
+    resumed = read_metrics(tmp_path)[STEPS:]
+    assert [m["step"] for m in resumed] == list(range(6, STEPS + 1))
+    for m in resumed:
+        assert (m["loss"], m["grad_norm"], m["lr"]) == tuple(straight[m["step"]][k] for k in ("loss", "grad_norm", "lr"))
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, stdlib_shards) -> Path:
+    """A run saving at every step, SIGKILLed while a save is half-written."""
+    run_dir = tmp_path_factory.mktemp("killed")
+    ckpt = run_dir / "checkpoints"
+    cmd = [sys.executable, "-m", "pretrain.cli", "train", *COMMON, *data_args(stdlib_shards), "train.max_steps=400",
+           "checkpoint.interval=1", "data.workers=0", f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            pointer = (ckpt / POINTER).read_text().strip() if (ckpt / POINTER).is_file() else ""
+            partial = [d for d in ckpt.glob("step*") if d.name > pointer and not (d / MARKER).exists()
+                       and any(d.iterdir())]
+            if pointer and partial:  # a save has started writing and not finished: kill it now
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be interrupted"
+    return run_dir
+
+
+def test_a_save_killed_part_way_leaves_the_previous_checkpoint(killed_run, stdlib_shards):
+    ckpt = killed_run / "checkpoints"
+    pointer = (ckpt / POINTER).read_text().strip()
+    verify(ckpt / pointer, {})  # every file it lists is there, whole
+    partial = [d for d in ckpt.glob("step*") if not (d / MARKER).exists()]
+    assert partial and all(d.name > pointer for d in partial)
+    with pytest.raises(CheckpointError, match="did not finish"):
+        verify(partial[0], {})
+    # The run resumes from the pointer's checkpoint and goes on.
+    step = int(pointer.removeprefix("step"))
+    out = torchrun(1, [*COMMON, *data_args(stdlib_shards), f"train.max_steps={step + 2}", "data.workers=0",
+                       f"train.run_dir={killed_run}"])
+    assert f"resumed from {ckpt / pointer} at step {step}" in out.stderr + out.stdout
+    assert read_metrics(killed_run)[-1]["step"] == step + 2
+
+
+def test_damaged_or_foreign_checkpoints_are_refused_with_the_missing_piece(killed_run, tmp_path):
+    ckpt = killed_run / "checkpoints"
+    tag_dir = ckpt / (ckpt / POINTER).read_text().strip()
+    info = json.loads((tag_dir / MARKER).read_text())
+    identity = info["identity"]
+    verify(tag_dir, identity)
+
+    foreign = {**identity, "model": {**identity["model"], "num_layers": 2}}
+    with pytest.raises(CheckpointError, match="was written for model="):
+        verify(tag_dir, foreign)
+    layout = {**identity, "layout": {"tp": 2, "pp": 1, "dp": 1}}
+    with pytest.raises(CheckpointError, match="use the same layout"):
+        verify(tag_dir, layout)
+
+    model_file = next(name for name in info["files"] if "model_states" in name)
+    with open(tag_dir / model_file, "r+b") as f:
+        f.truncate(info["files"][model_file] // 2)
+    with pytest.raises(CheckpointError, match=f"{model_file} has .* bytes"):
+        verify(tag_dir, identity)
+    (tag_dir / model_file).unlink()
+    with pytest.raises(CheckpointError, match=f"missing {model_file}"):
+        verify(tag_dir, identity)
+
+
+def test_only_the_newest_complete_checkpoints_are_kept(killed_run):
+    complete = sorted(d.name for d in (killed_run / "checkpoints").glob("step*") if (d / MARKER).exists())
+    assert 1 <= len(complete) <= 3
