@@ -54,6 +54,31 @@ def _prepare_data(args: argparse.Namespace) -> None:
     ))
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pretrain.convert import load_hf, save_hf
+
+    src, out = Path(args.source), Path(args.out)
+    if args.direction == "import":
+        cfg, _ = load_hf(src)  # reads every weight file: a broken download fails here, not in training
+        OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(cfg)}), out)
+        print(f"wrote {out}: train with it and checkpoint.init_from={src}")
+        return
+    weights = src / "model.pt"
+    if not weights.is_file():
+        raise ConfigError(f"{weights} not found: train with checkpoint.save_consolidated=true to write the unsharded "
+                          f"model (exporting a sharded checkpoint directly is not supported yet)")
+    model = load_model_config(str(src / "config.yaml"))
+    datasets = OmegaConf.load(src / "config.yaml").data.datasets
+    tokenizer = Path(datasets[0].path) / "tokenizer.json" if datasets else None
+    save_hf(torch.load(weights, weights_only=True), model, out, tokenizer)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundry", description="Pretrain Llama models on DeepSpeed.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -85,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                       help="an unreadable, empty or non-UTF-8 file: stop, or skip it (counted, logged)")
     prep.set_defaults(run=_prepare_data)
+    convert = commands.add_parser(
+        "convert",
+        help="export a run's model to a Hugging Face Llama directory, or import one",
+        description="export RUN_DIR --out HF_DIR: the run's unsharded model (run_dir/model.pt) as config.json + "
+        "safetensors + tokenizer.json. import HF_DIR --out MODEL.yaml: the model section matching a Hugging Face "
+        "Llama directory, to train from it with checkpoint.init_from=HF_DIR under any layout.",
+    )
+    convert.add_argument("direction", choices=["export", "import"])
+    convert.add_argument("source", metavar="RUN_DIR | HF_DIR")
+    convert.add_argument("--out", required=True, metavar="HF_DIR | MODEL.yaml")
+    convert.set_defaults(run=_convert)
     plan = commands.add_parser(
         "plan",
         help="estimate memory per GPU of every layout (tp, pp, dp, ZeRO, micro-batch, recomputation) and pick one",

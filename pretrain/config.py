@@ -123,6 +123,10 @@ class CheckpointConfig:
     interval: int = _help(0, "save every this many steps (0: only at the end)")
     resume: bool = _help(True, "continue from the newest complete checkpoint in run_dir when there is one")
     keep: int = _help(3, "how many of the newest complete checkpoints to keep")
+    init_from: Optional[str] = _help(
+        None, "initial weights: a Hugging Face Llama directory (config.json + safetensors) whose architecture "
+        "matches [model] (`foundry convert import` writes that model YAML); any layout"
+    )
     save_consolidated: bool = _help(
         False, "at the end, also gather the whole model into run_dir/model.pt, a plain fp32 state dict of "
         "pretrain.model.Llama (rank 0 holds it all in memory: small models only)"
@@ -226,6 +230,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0 or cfg.checkpoint.interval < 0:
         raise ConfigError("train.warmup_steps, train.weight_decay, train.grad_clip and checkpoint.interval must be >= 0")
+    if cfg.checkpoint.init_from is not None and not (Path(cfg.checkpoint.init_from) / "config.json").is_file():
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} has no config.json: point it at a "
+                          f"Hugging Face Llama directory")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1: the newest checkpoint is always kept")
     if t.warmup_steps >= t.max_steps:

@@ -28,7 +28,8 @@ from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
 from pretrain import checkpoint
 from pretrain import engine as ds_engine
-from pretrain.config import ConfigError, RunConfig, check_world_size, to_yaml
+from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size, to_yaml
+from pretrain.convert import from_hf_config, load_hf
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
 from pretrain.model import Llama, num_parameters
 
@@ -68,6 +69,8 @@ def train(cfg: RunConfig) -> None:
     if cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab} of "
                           f"{datasets[0].name}: set model.vocab_size >= {vocab}")
+    if cfg.checkpoint.init_from:
+        check_same_architecture(cfg.model, cfg.checkpoint.init_from)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Fail on a bad layout before any process group exists.
     layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
@@ -87,7 +90,11 @@ def train(cfg: RunConfig) -> None:
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
 
     torch.manual_seed(cfg.train.seed)  # the same full model on every rank, then sliced
-    model = Llama(cfg.model).to(device)
+    model = Llama(cfg.model)
+    if cfg.checkpoint.init_from:  # before slicing, so any layout starts from the same weights
+        model.load_state_dict(load_hf(Path(cfg.checkpoint.init_from))[1])
+        log.info("initial weights from %s", cfg.checkpoint.init_from)
+    model = model.to(device)
     module, loss_fn = parallelize(model, topology, cfg.parallel)
     plain_names = {id(p): n for n, p in model.named_parameters()}
     pipelined = layout.pp > 1
@@ -183,6 +190,15 @@ def train(cfg: RunConfig) -> None:
     del engine, model, module
     dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     dist.destroy_process_group()
+
+
+def check_same_architecture(model: ModelConfig, hf_dir: str) -> None:
+    """The run's [model] must be the imported model's architecture (init_std aside)."""
+    theirs = from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))
+    for key in (f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_std"):
+        if getattr(theirs, key) != getattr(model, key):
+            raise ConfigError(f"model.{key}={getattr(model, key)} but {hf_dir} has {getattr(theirs, key)}: use the "
+                              f"model YAML that `foundry convert import {hf_dir} --out MODEL.yaml` writes")
 
 
 def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:
