@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.stream import ShardLoader, check_compatible, check_readers, merge_states, open_dataset
+from data.stream import Dataset, ShardLoader, check_compatible, check_readers, merge_states, open_dataset
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
@@ -30,7 +29,8 @@ from pretrain import checkpoint
 from pretrain import engine as ds_engine
 from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size, to_yaml
 from pretrain.convert import from_hf_config, load_hf
-from pretrain.flops import device_peak_flops, flops_per_token, mfu
+from pretrain.flops import device_peak_flops, flops_per_token
+from pretrain.metrics import StepLogger, duration
 from pretrain.model import Llama, num_parameters
 
 log = logging.getLogger("foundry")
@@ -56,13 +56,9 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
-
-
-def train(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig) -> tuple[list[Dataset], Layout, int]:
+    """Every check that needs no process group: a bad run stops here, before any GPU time is spent.
+    Returns the datasets, the layout and the gradient-accumulation steps."""
     datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
     check_compatible(datasets, cfg.data.streams)
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
@@ -71,43 +67,46 @@ def train(cfg: RunConfig) -> None:
                           f"{datasets[0].name}: set model.vocab_size >= {vocab}")
     if cfg.checkpoint.init_from:
         check_same_architecture(cfg.model, cfg.checkpoint.init_from)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    # Fail on a bad layout before any process group exists.
-    layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
+    layout = Layout.from_config(cfg.parallel, cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
     grad_accum = check_world_size(cfg.train, layout.dp)
     check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
+    return datasets, layout, grad_accum
+
+
+def train(cfg: RunConfig) -> None:
+    datasets, layout, grad_accum = preflight(cfg)
     device = pick_device()
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
     setup_logging(rank)
     topology = Topology(layout)
     precision = ds_engine.resolve_precision(cfg.train.precision, device)
-    run_dir = Path(cfg.train.run_dir)
+    t, d, seq_len = cfg.train, cfg.data, cfg.data.seq_len
+    run_dir = Path(t.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
 
-    torch.manual_seed(cfg.train.seed)  # the same full model on every rank, then sliced
+    # The model: the same full model on every rank (seeded, or imported), then sliced.
+    torch.manual_seed(t.seed)
     model = Llama(cfg.model)
-    if cfg.checkpoint.init_from:  # before slicing, so any layout starts from the same weights
+    if cfg.checkpoint.init_from:
         model.load_state_dict(load_hf(Path(cfg.checkpoint.init_from))[1])
         log.info("initial weights from %s", cfg.checkpoint.init_from)
     model = model.to(device)
     module, loss_fn = parallelize(model, topology, cfg.parallel)
     plain_names = {id(p): n for n, p in model.named_parameters()}
     pipelined = layout.pp > 1
-    ds_config = ds_engine.deepspeed_config(cfg.train, cfg.parallel, grad_accum, precision)
+    ds_config = ds_engine.deepspeed_config(t, cfg.parallel, grad_accum, precision)
     engine = ds_engine.initialize(module, ds_config, mpu=None if pipelined else topology)
 
-    t, seq_len = cfg.train, cfg.data.seq_len
-    tokens_per_step = t.global_batch_size * seq_len
     flops_token = flops_per_token(cfg.model, seq_len)
     peak = device_peak_flops(device)
     log.info(
         "layout: world %d = %s | ZeRO-%d | %s on %s | global batch %d = micro %d x accum %d x dp %d | seq %d",
-        world_size, layout, cfg.parallel.zero_stage, precision, device.type, t.global_batch_size,
+        dist.get_world_size(), layout, cfg.parallel.zero_stage, precision, device.type, t.global_batch_size,
         t.micro_batch_size, grad_accum, layout.dp, seq_len,
     )
     log.info(
@@ -116,10 +115,9 @@ def train(cfg: RunConfig) -> None:
         f"{peak / 1e12:.0f} TFLOP/s per device" if peak else "n/a (no bf16 peak known for this device): MFU n/a",
     )
 
-    # What a checkpoint must match to be loaded by this run (resharding is not supported yet).
-    identity = {"model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(layout),
-                "zero_stage": cfg.parallel.zero_stage}
-    identity = json.loads(json.dumps(identity))  # as it reads back from the marker
+    # Resume: what a checkpoint must match to be loaded by this run (resharding is not supported yet).
+    identity = json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(layout),
+                                      "zero_stage": cfg.parallel.zero_stage}))  # as it reads back from JSON
     start_step, data_state = 0, None
     tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None
     if tag is not None:
@@ -128,7 +126,6 @@ def train(cfg: RunConfig) -> None:
         log.info("resumed from %s at step %d (%.1fM tokens seen)", ckpt_dir / tag, start_step,
                  client_state["tokens"] / 1e6)
 
-    d = cfg.data
     # Tensor-parallel peers read the same batches: the data split is by data-parallel rank only.
     # Middle pipeline stages never ask for a batch, so they read nothing.
     loader = ShardLoader(
@@ -141,37 +138,17 @@ def train(cfg: RunConfig) -> None:
              sum(ds.manifest["total_tokens"] for ds in datasets) / 1e6, d.streams, d.streams // layout.dp, d.workers)
     batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in loader)
 
-    metrics_file = run_dir / "metrics.jsonl"
-    window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
-    first_loss = float("nan")
+    tokens_per_step = t.global_batch_size * seq_len
+    metrics = StepLogger(run_dir / "metrics.jsonl" if rank == 0 else None, max_steps=t.max_steps,
+                         interval=cfg.tracking.log_interval, tokens_per_step=tokens_per_step,
+                         flops_per_token=flops_token, peak_flops=peak, devices=dist.get_world_size(), device=device)
+    run_start = time.perf_counter()
     for step in range(start_step + 1, t.max_steps + 1):
         if pipelined:
             loss = engine.train_batch(data_iter=batches)  # 1F1B over grad_accum micro-batches; dp mean
         else:
             loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
-        window_steps += 1
-
-        if step % cfg.tracking.log_interval == 0 or step in (start_step + 1, t.max_steps):
-            elapsed = time.perf_counter() - window_start
-            tok_s = tokens_per_step * window_steps / elapsed
-            util = mfu(tok_s, flops_token, peak, world_size)
-            record = {
-                "step": step, "loss": loss.item(), "lr": engine.get_lr()[0],
-                "grad_norm": _grad_norm(engine), "tokens_per_s": tok_s, "mfu": util,
-                "peak_mem_gib": peak_memory_gib(device),
-            }
-            eta = (t.max_steps - step) * elapsed / window_steps
-            log.info(
-                "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | mem %.2f GiB | ETA %s",
-                step, t.max_steps, record["loss"], record["lr"], record["grad_norm"], _si(tok_s),
-                "n/a" if util is None else f"{util:.1%}", record["peak_mem_gib"], _duration(eta),
-            )
-            first_loss = record["loss"] if step == start_step + 1 else first_loss
-            if rank == 0:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            window_start, window_steps = time.perf_counter(), 0
-
+        metrics.step(step, loss, engine)
         if step == t.max_steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
             states: list[dict | None] = [None] * layout.dp
             dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
@@ -179,8 +156,9 @@ def train(cfg: RunConfig) -> None:
                             "config": to_yaml(cfg)}
             checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep)
 
-    log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
-             _duration(time.perf_counter() - run_start), first_loss, record["loss"])
+    if metrics.first is not None:
+        log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
+                 duration(time.perf_counter() - run_start), metrics.first["loss"], metrics.last["loss"])
     if cfg.checkpoint.save_consolidated:
         full = full_state_dict(engine.module, plain_names, topology, cfg.model.vocab_size, cfg.model.tie_embeddings)
         if rank == 0:
@@ -214,19 +192,3 @@ def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -
     return loss_sum / (grad_accum * topology.layout.dp)
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.1f}{unit}"
-    return f"{x:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
