@@ -69,13 +69,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], identity: dict[str, Any],
-         keep: int) -> None:
-    """Collective: every rank calls. `identity` (model config, layout) must match to load it again."""
+         keep: int, also: Any = None) -> None:
+    """Collective: every rank calls. `identity` (model config, layout) must match to load it exactly;
+    `also(tag_dir)`, if given, writes more files into the checkpoint on every rank before it is sealed."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    if also is not None:
+        also(tag_dir)
     dist.barrier()  # every rank's files are written
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
@@ -124,9 +127,19 @@ def find_latest(ckpt_dir: Path) -> str | None:
     return pointer.read_text().strip() or None
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, identity: dict[str, Any]) -> dict[str, Any]:
-    """Collective: restore model, optimizer, schedule and this rank's RNG; return the client state."""
-    verify(ckpt_dir / tag, identity)
+def load(engine: Any, ckpt_dir: Path, tag: str, identity: dict[str, Any], reshard: Any = None) -> dict[str, Any]:
+    """Collective: restore model, optimizer, schedule and this rank's RNG; return the client state.
+    A checkpoint of the same model written under another layout goes through `reshard(tag_dir)`."""
+    info = verify(ckpt_dir / tag, {"model": identity["model"]})
+    if info["identity"] != identity:
+        if reshard is None or {identity["zero_stage"], info["identity"]["zero_stage"]} - {1, 2}:
+            verify(ckpt_dir / tag, identity)  # raises, naming what differs
+            raise CheckpointError(f"cannot reshard {ckpt_dir / tag}: only between ZeRO stages 1 and 2")
+        log.info("resharding %s: written under %s, loading under %s", ckpt_dir / tag,
+                 info["identity"]["layout"], identity["layout"])
+        reshard(ckpt_dir / tag)
+        return {k: v for k, v in torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False).items()
+                if k in ("step", "tokens", "data", "config")}
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}: see the log above")
@@ -134,3 +147,83 @@ def load(engine: Any, ckpt_dir: Path, tag: str, identity: dict[str, Any]) -> dic
     if rng.is_file():  # written under the same layout, so the same ranks exist
         _set_rng_state(torch.load(rng, weights_only=False))
     return client_state
+
+
+# Resharding. Besides DeepSpeed's files (exact, but only for the layout that wrote them), each
+# checkpoint holds a layout-free copy of the training state: for every parameter, under its plain
+# model name, the fp32 weight and the AdamW moments, gathered over data parallelism and split as
+# tensor parallelism splits it (one file per tensor x pipeline rank, written by data-parallel rank 0).
+# Another layout reads the shards it needs, joins them, and cuts its own. ZeRO 1 and 2 only.
+
+UNIVERSAL = "universal"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def save_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: int, pp_rank: int, dp_rank: int,
+                   scheduler: dict[str, Any]) -> None:
+    """Collective over data parallelism (the gathers); every rank calls after its DeepSpeed save."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    # DeepSpeed 0.19 links optimizer-state views right after the first param group's first step, so a
+    # second group (our undecayed norms) stays unlinked: link again now that every group has state.
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    shard = {}
+    for p in engine.module.parameters():
+        state = {"fp32": safe_get_full_fp32_param(p)}
+        state.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
+        if any(v is None for v in state.values()):
+            raise CheckpointError("layout-free state needs ZeRO stage 1 or 2 and one optimizer step")
+        shard[names[id(p)]] = {k: v.detach().cpu() for k, v in state.items()} | {
+            "dim": getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None}
+    if dp_rank == 0:
+        (tag_dir / UNIVERSAL).mkdir(exist_ok=True)
+        torch.save({"params": shard, "scheduler": scheduler},
+                   tag_dir / UNIVERSAL / f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt")
+
+
+def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: int, tp: int, step: int,
+                   vocab_size: int) -> None:
+    """Set weights, moments, step and schedule of `engine` (any layout, ZeRO 1/2) from a checkpoint's
+    layout-free copy. Collective-free: each rank reads files."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    files = sorted((tag_dir / UNIVERSAL).glob("tp*_pp*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir} has no {UNIVERSAL}/ copy: it cannot be resumed under another layout")
+    saved = [torch.load(f, weights_only=False) for f in files]
+    old_tp = 1 + max(int(f.name[2:4]) for f in files)
+    by_name: dict[str, list[tuple[int, dict]]] = {}
+    for f, s in zip(files, saved):
+        for name, state in s["params"].items():
+            by_name.setdefault(name, []).append((int(f.name[2:4]), state))
+
+    zero = engine.optimizer
+    # DeepSpeed creates AdamW's state at the first step; create it now so it can be set.
+    for group in zero.single_partition_of_fp32_groups:
+        zero.optimizer.state[group] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(group),
+                                       "exp_avg_sq": torch.zeros_like(group)}
+    zero._lazy_init_hp_params_optimizer_state()
+    for p in engine.module.parameters():
+        name = names[id(p)]
+        shards = sorted({r: state for r, state in by_name[name]}.items())
+        join_dim = shards[0][1]["dim"]  # how the writing layout split it
+        cut_dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
+        vocab_rows = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        for key in ("fp32", *MOMENTS):
+            full = shards[0][1][key] if join_dim is None else torch.cat([st[key] for _, st in shards], dim=join_dim)
+            if vocab_rows:
+                full = full[:vocab_size]  # drop the writing layout's vocabulary padding
+            if cut_dim is not None:
+                if vocab_rows:
+                    full = torch.nn.functional.pad(full, (0, 0, 0, -full.shape[0] % tp))
+                full = full.chunk(tp, dim=cut_dim)[tp_rank]
+            local = full.to(p.device)
+            if key == "fp32":
+                safe_set_full_fp32_param(p, local)
+                p.data.copy_(local.to(p.dtype))
+            else:
+                safe_set_full_optimizer_state(p, local, key)
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(saved[0]["scheduler"])
+    scheduler.step(scheduler.last_batch_iteration)  # loading sets the counter; this sets the optimizer's lr

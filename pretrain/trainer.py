@@ -120,8 +120,14 @@ def train(cfg: RunConfig) -> None:
                                       "zero_stage": cfg.parallel.zero_stage}))  # as it reads back from JSON
     start_step, data_state = 0, None
     tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None
+    universal = cfg.parallel.zero_stage in (1, 2)  # a layout-free copy, for resuming under other layouts
+
+    def reshard(tag_dir: Path) -> None:
+        checkpoint.load_universal(engine, tag_dir, plain_names, topology.tp_rank, layout.tp,
+                                  int(tag_dir.name.removeprefix("step")), cfg.model.vocab_size)
+
     if tag is not None:
-        client_state = checkpoint.load(engine, ckpt_dir, tag, identity)
+        client_state = checkpoint.load(engine, ckpt_dir, tag, identity, reshard if universal else None)
         start_step, data_state = client_state["step"], client_state["data"]
         log.info("resumed from %s at step %d (%.1fM tokens seen)", ckpt_dir / tag, start_step,
                  client_state["tokens"] / 1e6)
@@ -154,7 +160,10 @@ def train(cfg: RunConfig) -> None:
             dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
             client_state = {"step": step, "tokens": step * tokens_per_step, "data": merge_states(states),
                             "config": to_yaml(cfg)}
-            checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep)
+            checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep, also=(
+                lambda tag_dir: checkpoint.save_universal(engine, tag_dir, plain_names, topology.tp_rank,
+                                                          topology.pp_rank, topology.dp_rank,
+                                                          engine.lr_scheduler.state_dict())) if universal else None)
 
     if metrics.first is not None:
         log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,3 +108,33 @@ def test_damaged_or_foreign_checkpoints_are_refused_with_the_missing_piece(kille
 def test_only_the_newest_complete_checkpoints_are_kept(killed_run):
     complete = sorted(d.name for d in (killed_run / "checkpoints").glob("step*") if (d / MARKER).exists())
     assert 1 <= len(complete) <= 3
+
+
+def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shards):
+    """Resharding through the checkpoint's layout-free copy: (tp,pp,dp) = (2,1,2) -> (1,2,2) and (1,1,1)."""
+    common = [*COMMON, *data_args(stdlib_shards)]
+    torchrun(4, [*common, "parallel.tensor=2", f"train.run_dir={tmp_path / 'straight'}"])
+    straight = {m["step"]: m for m in read_metrics(tmp_path / "straight")}
+    for nproc, layout in ((4, ["parallel.pipeline=2"]), (1, [])):
+        run = tmp_path / f"resharded{nproc}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copytree(tmp_path / "straight" / "checkpoints" / tag_for(5), run / "checkpoints" / tag_for(5))
+        (run / "checkpoints" / POINTER).write_text(tag_for(5))
+        out = torchrun(nproc, [*common, *layout, f"train.run_dir={run}"])
+        assert "resharding" in out.stderr + out.stdout
+        resumed = read_metrics(run)
+        assert [m["step"] for m in resumed] == list(range(6, STEPS + 1))
+        for m in resumed:
+            assert m["loss"] == pytest.approx(straight[m["step"]]["loss"], rel=1e-4), (layout, m)
+
+
+def test_resharding_from_zero_3_is_refused(tmp_path):
+    from pretrain.checkpoint import load
+
+    tag_dir = tmp_path / tag_for(5)
+    tag_dir.mkdir()
+    written = {"model": {"a": 1}, "layout": {"tp": 2, "pp": 1, "dp": 2}, "zero_stage": 3}
+    (tag_dir / MARKER).write_text(json.dumps({"step": 5, "identity": written, "files": {}}))
+    wanted = {**written, "layout": {"tp": 1, "pp": 1, "dp": 1}}
+    with pytest.raises(CheckpointError, match="use the same layout"):
+        load(None, tmp_path, tag_for(5), wanted, reshard=lambda d: None)
