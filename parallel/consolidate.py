@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from parallel.topology import Topology
+from pretrain.model import VOCAB_PARAMS
 
-VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def full_state_dict(module: nn.Module, names: dict[int, str], topology: Topology, vocab_size: int,
@@ -30,7 +30,7 @@ def full_state_dict(module: nn.Module, names: dict[int, str], topology: Topology
             dist.all_gather(parts, t.contiguous(), group=tp_group)
             t = torch.cat(parts, dim=p.partition_dim)
         name = names[id(p)]
-        local[name] = (t[:vocab_size] if name in VOCAB_ROWS else t).cpu()
+        local[name] = (t[:vocab_size] if name in VOCAB_PARAMS else t).cpu()
     keep = topology.dp_rank == 0 and topology.tp_rank == 0
     stages: list[dict[str, torch.Tensor] | None] = [None] * topology.layout.pp
     dist.all_gather_object(stages, local if keep else {}, group=topology.get_pipeline_model_parallel_group())

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrain.model import VOCAB_PARAMS
+
 log = logging.getLogger("foundry")
 
 POINTER = "latest_complete"
@@ -188,16 +190,7 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
     layout-free copy. Collective-free: each rank reads files."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    files = sorted((tag_dir / UNIVERSAL).glob("tp*_pp*.pt"))
-    if not files:
-        raise CheckpointError(f"{tag_dir} has no {UNIVERSAL}/ copy: it cannot be resumed under another layout")
-    saved = [torch.load(f, weights_only=False) for f in files]
-    old_tp = 1 + max(int(f.name[2:4]) for f in files)
-    by_name: dict[str, list[tuple[int, dict]]] = {}
-    for f, s in zip(files, saved):
-        for name, state in s["params"].items():
-            by_name.setdefault(name, []).append((int(f.name[2:4]), state))
-
+    by_name, scheduler = _read_universal(tag_dir)
     zero = engine.optimizer
     # DeepSpeed creates AdamW's state at the first step; create it now so it can be set.
     for group in zero.single_partition_of_fp32_groups:
@@ -206,14 +199,10 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
     zero._lazy_init_hp_params_optimizer_state()
     for p in engine.module.parameters():
         name = names[id(p)]
-        shards = sorted({r: state for r, state in by_name[name]}.items())
-        join_dim = shards[0][1]["dim"]  # how the writing layout split it
         cut_dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
-        vocab_rows = name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        vocab_rows = name.endswith(VOCAB_PARAMS)
         for key in ("fp32", *MOMENTS):
-            full = shards[0][1][key] if join_dim is None else torch.cat([st[key] for _, st in shards], dim=join_dim)
-            if vocab_rows:
-                full = full[:vocab_size]  # drop the writing layout's vocabulary padding
+            full = _joined(by_name[name], key, vocab_size if vocab_rows else None)
             if cut_dim is not None:
                 if vocab_rows:
                     full = torch.nn.functional.pad(full, (0, 0, 0, -full.shape[0] % tp))
@@ -224,6 +213,39 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
                 p.data.copy_(local.to(p.dtype))
             else:
                 safe_set_full_optimizer_state(p, local, key)
-    scheduler = engine.lr_scheduler
-    scheduler.load_state_dict(saved[0]["scheduler"])
-    scheduler.step(scheduler.last_batch_iteration)  # loading sets the counter; this sets the optimizer's lr
+    engine.lr_scheduler.load_state_dict(scheduler)
+    engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)  # loading sets the counter, this the lr
+
+
+def _read_universal(tag_dir: Path) -> tuple[dict[str, list[tuple[int, dict]]], dict]:
+    """Each parameter's saved shards as (tensor-parallel rank, state), and the LR schedule."""
+    files = sorted((tag_dir / UNIVERSAL).glob("tp*_pp*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir} has no {UNIVERSAL}/ copy (written under ZeRO 1 or 2 only): it can be "
+                              f"resumed only under the layout that wrote it")
+    by_name: dict[str, list[tuple[int, dict]]] = {}
+    scheduler: dict = {}
+    for f in files:
+        saved = torch.load(f, weights_only=False)
+        scheduler = saved["scheduler"]
+        for name, state in saved["params"].items():
+            by_name.setdefault(name, []).append((int(f.name[2:4]), state))
+    return by_name, scheduler
+
+
+def _joined(shards: list[tuple[int, dict]], key: str, vocab_size: int | None) -> torch.Tensor:
+    """The whole tensor from its tensor-parallel shards, without vocabulary padding."""
+    ordered = [state for _, state in sorted({rank: state for rank, state in shards}.items())]
+    dim = ordered[0]["dim"]  # how the writing layout split it
+    full = ordered[0][key] if dim is None else torch.cat([st[key] for st in ordered], dim=dim)
+    return full[:vocab_size] if vocab_size is not None else full
+
+
+def full_weights(tag_dir: Path, vocab_size: int, tie_embeddings: bool) -> dict[str, torch.Tensor]:
+    """The plain model's fp32 state dict from a checkpoint's layout-free copy, offline (no processes)."""
+    by_name, _ = _read_universal(tag_dir)
+    weights = {name: _joined(shards, "fp32", vocab_size if name.endswith(VOCAB_PARAMS) else None)
+               for name, shards in by_name.items()}
+    if tie_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return weights

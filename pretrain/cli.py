@@ -68,14 +68,20 @@ def _convert(args: argparse.Namespace) -> None:
         OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(cfg)}), out)
         print(f"wrote {out}: train with it and checkpoint.init_from={src}")
         return
-    weights = src / "model.pt"
-    if not weights.is_file():
-        raise ConfigError(f"{weights} not found: train with checkpoint.save_consolidated=true to write the unsharded "
-                          f"model (exporting a sharded checkpoint directly is not supported yet)")
+    from pretrain.checkpoint import find_latest, full_weights, verify
+
     model = load_model_config(str(src / "config.yaml"))
+    if (src / "model.pt").is_file():  # written at the end with checkpoint.save_consolidated=true
+        weights = torch.load(src / "model.pt", weights_only=True)
+    else:  # the newest complete checkpoint, whatever layout wrote it
+        tag = find_latest(src / "checkpoints")
+        if tag is None:
+            raise ConfigError(f"{src} has neither model.pt nor a complete checkpoint: point at a run directory")
+        verify(src / "checkpoints" / tag, {})
+        weights = full_weights(src / "checkpoints" / tag, model.vocab_size, model.tie_embeddings)
     datasets = OmegaConf.load(src / "config.yaml").data.datasets
     tokenizer = Path(datasets[0].path) / "tokenizer.json" if datasets else None
-    save_hf(torch.load(weights, weights_only=True), model, out, tokenizer)
+    save_hf(weights, model, out, tokenizer)
     print(f"wrote {out}")
 
 
@@ -113,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert",
         help="export a run's model to a Hugging Face Llama directory, or import one",
-        description="export RUN_DIR --out HF_DIR: the run's unsharded model (run_dir/model.pt) as config.json + "
-        "safetensors + tokenizer.json. import HF_DIR --out MODEL.yaml: the model section matching a Hugging Face "
+        description="export RUN_DIR --out HF_DIR: the run's model (run_dir/model.pt, else the newest complete "
+        "checkpoint of any layout) as config.json + safetensors + tokenizer.json. import HF_DIR --out MODEL.yaml: the model section matching a Hugging Face "
         "Llama directory, to train from it with checkpoint.init_from=HF_DIR under any layout.",
     )
     convert.add_argument("direction", choices=["export", "import"])

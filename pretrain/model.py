@@ -19,6 +19,10 @@ from pretrain.config import ModelConfig
 from pretrain.kernels import attention
 
 
+# Parameters with one row per vocabulary entry (padded when the vocabulary is split across ranks).
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

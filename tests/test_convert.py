@@ -89,3 +89,18 @@ def test_init_from_with_another_architecture_is_refused(tmp_path, stdlib_shards,
                f"checkpoint.init_from={tmp_path / 'hf'}"])
     assert rc == 2
     assert "model.vocab_size=512 but" in capsys.readouterr().err
+
+
+def test_export_from_a_sharded_checkpoint_equals_the_gathered_model(tmp_path, stdlib_shards):
+    """No model.pt needed: export joins the newest checkpoint's tensor-parallel shards offline."""
+    run = tmp_path / "run"
+    torchrun(2, ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards),
+                 "train.max_steps=3", "train.warmup_steps=1", "train.global_batch_size=8", "train.micro_batch_size=4",
+                 "data.seq_len=64", "parallel.tensor=2", "checkpoint.save_consolidated=true", f"train.run_dir={run}"])
+    gathered = torch.load(run / "model.pt")
+    (run / "model.pt").rename(tmp_path / "gathered.pt")
+    assert main(["convert", "export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert exported.keys() == gathered.keys()
+    assert all(torch.equal(exported[k], gathered[k]) for k in gathered)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
