@@ -92,9 +92,10 @@ def test_init_from_with_another_architecture_is_refused(tmp_path, stdlib_shards,
 
 
 def test_export_from_a_sharded_checkpoint_equals_the_gathered_model(tmp_path, stdlib_shards):
-    """No model.pt needed: export joins the newest checkpoint's tensor-parallel shards offline."""
+    """No model.pt needed: export joins the newest checkpoint's tensor-parallel shards offline, dropping
+    the padding of a vocabulary (513) that tp=2 does not divide."""
     run = tmp_path / "run"
-    torchrun(2, ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards),
+    torchrun(2, ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards), "model.vocab_size=513",
                  "train.max_steps=3", "train.warmup_steps=1", "train.global_batch_size=8", "train.micro_batch_size=4",
                  "data.seq_len=64", "parallel.tensor=2", "checkpoint.save_consolidated=true", f"train.run_dir={run}"])
     gathered = torch.load(run / "model.pt")
@@ -103,4 +104,5 @@ def test_export_from_a_sharded_checkpoint_equals_the_gathered_model(tmp_path, st
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert exported.keys() == gathered.keys()
     assert all(torch.equal(exported[k], gathered[k]) for k in gathered)
+    assert exported["lm_head.weight"].shape[0] == 513
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
