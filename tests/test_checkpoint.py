@@ -107,7 +107,7 @@ def test_damaged_or_foreign_checkpoints_are_refused_with_the_missing_piece(kille
 
 def test_only_the_newest_complete_checkpoints_are_kept(killed_run):
     complete = sorted(d.name for d in (killed_run / "checkpoints").glob("step*") if (d / MARKER).exists())
-    assert 1 <= len(complete) <= 3
+    assert 0 < len(complete) <= 3
 
 
 def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shards):
