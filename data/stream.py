@@ -299,10 +299,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         blocks = iter(self.loader)
         pending: dict[int, list] = {s: [] for s in self.streams}
-        for s in self.streams:  # the first block of each stream resumes mid-block
-            self.current[s] = None
-        order = self.streams
-        i = 0
+        order, i = self.streams, 0
         while True:
             rows = []
             for _ in range(self.micro_batch):

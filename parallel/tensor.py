@@ -267,7 +267,8 @@ def _shard(weight: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
     return weight.detach().chunk(tp, dim=dim)[rank].clone()
 
 
-def _pad_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero rows appended so the vocabulary splits evenly over `multiple` ranks."""
     pad = -weight.shape[0] % multiple
     return F.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
 
@@ -309,14 +310,14 @@ def apply_tensor_parallel(model: Llama, group: Group, sequence_parallel: bool = 
 
     # The vocabulary is padded to a multiple of tp; the loss masks the padded columns.
     vocab_size = model.cfg.vocab_size
-    embed = _pad_rows(model.model.embed_tokens.weight, tp)
+    embed = pad_vocab_rows(model.model.embed_tokens.weight, tp)
     shard = embed.shape[0] // tp
     model.model.embed_tokens = VocabParallelEmbedding(_shard(embed, 0, rank, tp), rank * shard, group, sp)
     if model.cfg.tie_embeddings:
         model.lm_head = ColumnParallelLinear(torch.empty(0), group, sp)
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
-        model.lm_head = ColumnParallelLinear(_shard(_pad_rows(model.lm_head.weight, tp), 0, rank, tp), group, sp)
+        model.lm_head = ColumnParallelLinear(_shard(pad_vocab_rows(model.lm_head.weight, tp), 0, rank, tp), group, sp)
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, target, rank * shard, vocab_size, group)

@@ -190,6 +190,8 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
     layout-free copy. Collective-free: each rank reads files."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    from parallel.tensor import pad_vocab_rows
+
     by_name, scheduler = _read_universal(tag_dir)
     zero = engine.optimizer
     # DeepSpeed creates AdamW's state at the first step; create it now so it can be set.
@@ -205,7 +207,7 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
             full = _joined(by_name[name], key, vocab_size if vocab_rows else None)
             if cut_dim is not None:
                 if vocab_rows:
-                    full = torch.nn.functional.pad(full, (0, 0, 0, -full.shape[0] % tp))
+                    full = pad_vocab_rows(full, tp)
                 full = full.chunk(tp, dim=cut_dim)[tp_rank]
             local = full.to(p.device)
             if key == "fp32":
