@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # Create (or update) the virtual environment .venv with foundry and its test dependencies.
 # Without an NVIDIA GPU it installs torch's CPU wheel first, so pip never pulls a CUDA build.
+# --with-services also installs, from Debian packages, what the tests start for real: a SLURM
+# controller and node daemon with munge (tests/conftest.py starts them on localhost).
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" = "--with-services" ]; then
+  if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+    sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+      slurmctld slurmd slurm-client munge >/dev/null
+  fi
+fi
 venv=${FOUNDRY_VENV:-.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)

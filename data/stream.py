@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -272,6 +273,14 @@ class _Current:
     consumed: int
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SLURM and Ctrl-C signal every process of a job: a loader worker must outlive them, so that the training
+    # process can finish its step and save. The training process stops its workers itself (ShardLoader.close),
+    # and a worker whose training process died exits on its own (DataLoader's parent watchdog).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """This data-parallel rank's micro-batches (micro_batch, seq_len + 1) int64 from token shards."""
 
@@ -294,10 +303,18 @@ class ShardLoader:
         blocks = _Blocks(datasets, self.streams, streams, seed, seq_len, shuffle, on_error,
                          {s: p["start"] for s, p in self.resume_at.items()})
         self.loader = DataLoader(blocks, batch_size=None, num_workers=workers,
-                                 prefetch_factor=4 if workers else None, persistent_workers=False)
+                                 prefetch_factor=4 if workers else None, persistent_workers=False,
+                                 worker_init_fn=_ignore_stop_signals)
+        self._blocks: Iterator | None = None
+
+    def close(self) -> None:
+        """Stop the loader workers. Call it on every way out of training: the workers ignore SIGTERM, so
+        Python's exit-time terminate() of leftover workers would wait on them for ever."""
+        if self._blocks is not None and hasattr(self._blocks, "_shutdown_workers"):
+            self._blocks._shutdown_workers()  # what DataLoader's iterator runs when it is collected
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        blocks = iter(self.loader)
+        blocks = self._blocks = iter(self.loader)
         pending: dict[int, list] = {s: [] for s in self.streams}
         order, i = self.streams, 0
         while True:

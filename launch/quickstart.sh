@@ -11,5 +11,4 @@ if [ ! -f "$data/manifest.json" ]; then
   "$venv/bin/foundry" prepare-data "$stdlib" --pattern '**/*.py' --exclude 'site-packages/*' \
     --exclude 'dist-packages/*' --vocab-size 512 --shard-tokens 500000 --on-error skip --out "$data"
 fi
-exec "$venv/bin/torchrun" --standalone --nproc-per-node 2 -m pretrain.cli train \
-  configs/models/tiny.yaml configs/quickstart.yaml "$@"
+exec "$venv/bin/foundry" launch local configs/models/tiny.yaml configs/quickstart.yaml "$@"

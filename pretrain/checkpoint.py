@@ -41,8 +41,9 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a crash) sees the old or the new file whole, never part."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several nodes may write the same file
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -84,8 +85,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], i
     dist.barrier()  # every rank's files are written
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        _write_atomic(tag_dir / MARKER, json.dumps({"step": step, "identity": identity, "files": files}, indent=1))
-        _write_atomic(ckpt_dir / POINTER, tag)
+        write_atomic(tag_dir / MARKER, json.dumps({"step": step, "identity": identity, "files": files}, indent=1))
+        write_atomic(ckpt_dir / POINTER, tag)
         _prune(ckpt_dir, keep, newest=tag)
     dist.barrier()
     log.info("checkpoint %s saved (%d kept)", tag_dir, keep)

@@ -14,18 +14,55 @@ import sys
 
 from data.tokenizer import DataError
 from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError, load_config, load_model_config, reference
+from pretrain.config import ConfigError, RunConfig, load_config, load_model_config, reference, to_yaml
+
+
+def _load(config: list[str]) -> RunConfig:
+    files = [a for a in config if "=" not in a]
+    overrides = [a for a in config if "=" in a]
+    if not files:
+        raise ConfigError("no config file given: pass at least one YAML file, e.g. configs/models/tiny.yaml")
+    return load_config(files, overrides)
 
 
 def _train(args: argparse.Namespace) -> None:
-    files = [a for a in args.config if "=" not in a]
-    overrides = [a for a in args.config if "=" in a]
-    if not files:
-        raise ConfigError("no config file given: pass at least one YAML file, e.g. configs/models/tiny.yaml")
-    cfg = load_config(files, overrides)
+    cfg = _load(args.config)
     from pretrain.trainer import train  # heavy imports (DeepSpeed) only once the config is sound
 
     train(cfg)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from launch import slurm
+    from launch.status import describe
+    from launch.torchrun import check_endpoint, run_local
+    from pretrain.checkpoint import write_atomic
+    from pretrain.preflight import preflight
+
+    if args.mode == "requeue":
+        return slurm.requeue_if_stopped(Path(args.config[0]))
+    if args.mode == "status":
+        try:
+            print("\n".join(describe(Path(args.config[0]))))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s foundry launch: %(message)s", datefmt="%H:%M:%S")
+    cfg = _load(args.config)
+    if args.mode == "local":
+        check_endpoint(cfg.launch)
+    preflight(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)  # the job's world size must fit the config
+    run_dir = Path(cfg.train.run_dir)
+    config_path = run_dir / "config.yaml"  # what the job trains: the config as resolved and checked now
+    if not args.dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(config_path, to_yaml(cfg))  # several nodes' launchers may write it at once
+    if args.mode == "local":
+        return run_local(cfg.launch, config_path, run_dir, dry_run=args.dry_run)
+    return slurm.launch(cfg, config_path, dry_run=args.dry_run)
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -97,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value")
     train.set_defaults(run=_train)
+    launch = commands.add_parser(
+        "launch",
+        help="run training on this node with torchrun, or as a SLURM batch job; show a run's status",
+        description="local CONFIG...: torchrun on this node (with launch.nodes > 1, run the same command on every "
+        "node), relaunching a failed job launch.max_restarts times. slurm CONFIG...: check the cluster, write "
+        "RUN_DIR/job.sbatch and submit it (--dry-run: print it). status RUN_DIR: the job, its state and the "
+        "last logged step. requeue RUN_DIR: the batch script's last line. Keys: [launch] in `foundry train --help`.",
+    )
+    launch.add_argument("mode", choices=["local", "slurm", "status", "requeue"])
+    launch.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value | RUN_DIR")
+    launch.add_argument("--dry-run", action="store_true", help="print the torchrun command or sbatch script only")
+    launch.set_defaults(run=_launch)
     prep = commands.add_parser(
         "prepare-data",
         help="tokenize raw text into webdataset token shards with a manifest",
@@ -146,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from launch.slurm import LaunchError
+
     try:
-        args.run(args)
+        code = args.run(args)
     except ConfigError as e:
         print(f"foundry: config error: {e}", file=sys.stderr)
         return 2
@@ -157,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"foundry: checkpoint error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except LaunchError as e:
+        print(f"foundry: launch error: {e}", file=sys.stderr)
+        return 2
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ with a one-line message that names the key and the fix, raised before anything i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ class ConfigError(ValueError):
 
 def _help(default: Any, text: str) -> Any:
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"help": text})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": text})
     return field(default=default, metadata={"help": text})
 
 
@@ -141,6 +142,38 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The sbatch script `foundry launch slurm` writes: one task per node, each running torchrun."""
+
+    partition: str = _help("", "partition to run in ('': the cluster's default)")
+    account: str = _help("", "account to charge ('': your default)")
+    time_minutes: int = _help(60, "time limit in minutes (2880: two days); near it the job saves and requeues itself")
+    job_name: str = _help("", "job name ('': the run directory's name)")
+    cpus_per_node: int = _help(0, "CPUs for the node's torchrun and its workers (0: SLURM's default)")
+    gpus: bool = _help(True, "ask for launch.procs_per_node GPUs per node (false: a CPU-only job)")
+    output: str = _help("", "log file, SLURM filename pattern ('': RUN_DIR/slurm-%j.out); attempts append to it")
+    requeue: bool = _help(True, "on the time-limit warning, checkpoint and requeue the job; it resumes from there")
+    sbatch_lines: list[str] = _help([], "extra sbatch options, one each, e.g. ['--qos=high', '--exclusive']")
+    env: dict[str, str] = _help({}, "environment for the job, e.g. {NCCL_IB_HCA: mlx5, NCCL_DEBUG: WARN}")
+
+
+@dataclass
+class LaunchConfig:
+    """Where the processes run: `foundry launch local` (torchrun) or `foundry launch slurm` (sbatch)."""
+
+    nodes: int = _help(1, "machines; world size = nodes x procs_per_node")
+    procs_per_node: int = _help(1, "training processes per machine: one per GPU (on CPU, any number)")
+    rdzv_endpoint: str = _help("", "HOST:PORT on the first node, for torchrun across nodes outside SLURM")
+    rdzv_port: int = _help(29500, "under SLURM: the rendezvous port on the allocation's first node")
+    max_restarts: int = _help(0, "local mode: relaunch a failed job this many times, resuming from its checkpoint")
+    grace_seconds: int = _help(
+        300, "a stop signal gives training this long to finish its step and save before it is killed; under "
+        "SLURM the time-limit warning (SIGUSR1) comes this long before the limit"
+    )
+    slurm: SlurmConfig = _help(SlurmConfig(), "SLURM batch job")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = _help(ModelConfig(), "the Llama model")
     parallel: ParallelConfig = _help(ParallelConfig(), "the process layout")
@@ -148,6 +181,7 @@ class RunConfig:
     train: TrainConfig = _help(TrainConfig(), "optimisation")
     checkpoint: CheckpointConfig = _help(CheckpointConfig(), "checkpoints")
     tracking: TrackingConfig = _help(TrackingConfig(), "logging")
+    launch: LaunchConfig = _help(LaunchConfig(), "processes, nodes and SLURM")
 
 
 def load_config(files: list[str], overrides: list[str]) -> RunConfig:
@@ -256,6 +290,13 @@ def validate(cfg: RunConfig) -> None:
     if t.global_batch_size % d.streams:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of data.streams="
                           f"{d.streams}: each step takes the same number of windows from every stream")
+    la = cfg.launch
+    _require_positive({"launch.nodes": la.nodes, "launch.procs_per_node": la.procs_per_node,
+                       "launch.grace_seconds": la.grace_seconds,
+                       "launch.slurm.time_minutes": la.slurm.time_minutes})
+    if la.max_restarts < 0 or la.max_restarts and not cfg.checkpoint.resume:
+        raise ConfigError(f"launch.max_restarts={la.max_restarts} needs to be >= 0, and relaunching needs "
+                          f"checkpoint.resume=true (or a relaunch starts over)")
     if not d.datasets:
         raise ConfigError("data.datasets is empty: name at least one prepared dataset, e.g. "
                           "data.datasets='[{path: runs/data/stdlib}]' (see `foundry prepare-data --help`)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pretrain.checkpoint import write_atomic
 from pretrain.flops import mfu
 
 log = logging.getLogger("foundry")
@@ -24,7 +25,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class StepLogger:
-    def __init__(self, path: Path | None, *, max_steps: int, interval: int, tokens_per_step: int,
+    def __init__(self, path: Path | None, *, start_step: int, max_steps: int, interval: int, tokens_per_step: int,
                  flops_per_token: float, peak_flops: float | None, devices: int, device: torch.device):
         self.path, self.max_steps, self.interval = path, max_steps, interval  # path None: not rank 0
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
@@ -32,11 +33,14 @@ class StepLogger:
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.first: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
+        if path is not None and path.is_file():
+            _drop_records_after(path, start_step)
 
-    def step(self, step: int, loss: torch.Tensor, engine: Any) -> None:
-        """Count a finished step; report it if it is the first, every interval-th, or the last."""
+    def step(self, step: int, loss: torch.Tensor, engine: Any, last: bool = False) -> None:
+        """Count a finished step; report it if it is the first, every interval-th, or the last (of the run, or
+        before a stop)."""
         self.window_steps += 1
-        if not (step % self.interval == 0 or self.first is None or step == self.max_steps):
+        if not (step % self.interval == 0 or self.first is None or step == self.max_steps or last):
             return
         elapsed = time.perf_counter() - self.window_start
         tok_s = self.tokens_per_step * self.window_steps / elapsed
@@ -59,6 +63,13 @@ class StepLogger:
         self.first = self.first or record
         self.last = record
         self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: their first records describe a future that was
+    lost, so they go, and every step keeps exactly one record."""
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _si(x: float) -> str:

@@ -21,17 +21,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.stream import Dataset, ShardLoader, check_compatible, check_readers, merge_states, open_dataset
+from data.stream import ShardLoader, merge_states
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
-from parallel.topology import Layout, Topology
+from parallel.topology import Topology
 from pretrain import checkpoint
 from pretrain import engine as ds_engine
-from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size, to_yaml
-from pretrain.convert import from_hf_config, load_hf
+from pretrain.config import RunConfig, to_yaml
+from pretrain.convert import load_hf
 from pretrain.flops import device_peak_flops, flops_per_token
 from pretrain.metrics import StepLogger, duration
 from pretrain.model import Llama, num_parameters
+from pretrain.preflight import preflight
+from pretrain.stop import StopRequest, write_status
 
 log = logging.getLogger("foundry")
 
@@ -56,25 +58,8 @@ def setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
-def preflight(cfg: RunConfig) -> tuple[list[Dataset], Layout, int]:
-    """Every check that needs no process group: a bad run stops here, before any GPU time is spent.
-    Returns the datasets, the layout and the gradient-accumulation steps."""
-    datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
-    check_compatible(datasets, cfg.data.streams)
-    vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
-    if cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab} of "
-                          f"{datasets[0].name}: set model.vocab_size >= {vocab}")
-    if cfg.checkpoint.init_from:
-        check_same_architecture(cfg.model, cfg.checkpoint.init_from)
-    layout = Layout.from_config(cfg.parallel, cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
-    grad_accum = check_world_size(cfg.train, layout.dp)
-    check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
-    return datasets, layout, grad_accum
-
-
 def train(cfg: RunConfig) -> None:
-    datasets, layout, grad_accum = preflight(cfg)
+    datasets, layout, grad_accum = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device = pick_device()
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
@@ -86,7 +71,8 @@ def train(cfg: RunConfig) -> None:
     ckpt_dir = run_dir / "checkpoints"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # Atomically: under `foundry launch` every rank is reading this very file at start-up.
+        checkpoint.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
 
     # The model: the same full model on every rank (seeded, or imported), then sliced.
@@ -145,30 +131,46 @@ def train(cfg: RunConfig) -> None:
     batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in loader)
 
     tokens_per_step = t.global_batch_size * seq_len
-    metrics = StepLogger(run_dir / "metrics.jsonl" if rank == 0 else None, max_steps=t.max_steps,
+    metrics = StepLogger(run_dir / "metrics.jsonl" if rank == 0 else None, start_step=start_step, max_steps=t.max_steps,
                          interval=cfg.tracking.log_interval, tokens_per_step=tokens_per_step,
                          flops_per_token=flops_token, peak_flops=peak, devices=dist.get_world_size(), device=device)
-    run_start = time.perf_counter()
-    for step in range(start_step + 1, t.max_steps + 1):
-        if pipelined:
-            loss = engine.train_batch(data_iter=batches)  # 1F1B over grad_accum micro-batches; dp mean
-        else:
-            loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
-        metrics.step(step, loss, engine)
-        if step == t.max_steps or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-            states: list[dict | None] = [None] * layout.dp
-            dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
-            client_state = {"step": step, "tokens": step * tokens_per_step, "data": merge_states(states),
-                            "config": to_yaml(cfg)}
-            checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep, also=(
-                lambda tag_dir: checkpoint.save_universal(engine, tag_dir, plain_names, topology.tp_rank,
-                                                          topology.pp_rank, topology.dp_rank,
-                                                          engine.lr_scheduler.state_dict())) if universal else None)
+    stop = StopRequest()
+    if rank == 0:
+        write_status(run_dir, "running", start_step, t.max_steps)
+    def save(step: int) -> None:
+        states: list[dict | None] = [None] * layout.dp
+        dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
+        client_state = {"step": step, "tokens": step * tokens_per_step, "data": merge_states(states),
+                        "config": to_yaml(cfg)}
+        checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep, also=(
+            lambda tag_dir: checkpoint.save_universal(engine, tag_dir, plain_names, topology.tp_rank,
+                                                      topology.pp_rank, topology.dp_rank,
+                                                      engine.lr_scheduler.state_dict())) if universal else None)
+
+    run_start, step, stopped_by = time.perf_counter(), start_step, None
+    try:
+        for step in range(start_step + 1, t.max_steps + 1):
+            if pipelined:
+                loss = engine.train_batch(data_iter=batches)  # 1F1B over grad_accum micro-batches; dp mean
+            else:
+                loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
+            stopped_by = stop.agreed(device)
+            metrics.step(step, loss, engine, last=bool(stopped_by))
+            if step == t.max_steps or stopped_by or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
+                save(step)
+            if stopped_by:
+                log.info("stopped by %s after step %d of %d; the run resumes from %s", stopped_by, step,
+                         t.max_steps, ckpt_dir / checkpoint.tag_for(step))
+                break
+    finally:
+        loader.close()
 
     if metrics.first is not None:
-        log.info("done: steps %d-%d in %s | loss %.4f -> %.4f", start_step + 1, t.max_steps,
-                 duration(time.perf_counter() - run_start), metrics.first["loss"], metrics.last["loss"])
-    if cfg.checkpoint.save_consolidated:
+        log.info("%s: steps %d-%d in %s | loss %.4f -> %.4f", "stopped" if stopped_by else "done", start_step + 1,
+                 step, duration(time.perf_counter() - run_start), metrics.first["loss"], metrics.last["loss"])
+    if rank == 0:
+        write_status(run_dir, "stopped" if stopped_by else "finished", step, t.max_steps, stopped_by)
+    if cfg.checkpoint.save_consolidated and not stopped_by:
         full = full_state_dict(engine.module, plain_names, topology, cfg.model.vocab_size, cfg.model.tie_embeddings)
         if rank == 0:
             torch.save(full, run_dir / "model.pt")
@@ -177,15 +179,6 @@ def train(cfg: RunConfig) -> None:
     del engine, model, module
     dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     dist.destroy_process_group()
-
-
-def check_same_architecture(model: ModelConfig, hf_dir: str) -> None:
-    """The run's [model] must be the imported model's architecture (init_std aside)."""
-    theirs = from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))
-    for key in (f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_std"):
-        if getattr(theirs, key) != getattr(model, key):
-            raise ConfigError(f"model.{key}={getattr(model, key)} but {hf_dir} has {getattr(theirs, key)}: use the "
-                              f"model YAML that `foundry convert import {hf_dir} --out MODEL.yaml` writes")
 
 
 def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:

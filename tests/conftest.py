@@ -53,3 +53,27 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Co
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory) -> Path:
+    """A SLURM controller and node daemon on localhost (see tests/slurm_cluster.py); returns slurm.conf.
+    SLURM_CONF points every SLURM command of the session at it."""
+    from tests import slurm_cluster
+
+    conf, pids = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    yield conf
+    subprocess.run(["scancel", "--full", "--user", "root"], capture_output=True)
+    slurm_cluster.stop(pids)
+    if previous is None:
+        os.environ.pop("SLURM_CONF")
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def foundry(args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """`foundry ARGS` in the repo (not raising on failure)."""
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **popen.pop("env", {})}, **popen)

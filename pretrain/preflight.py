@@ -1,0 +1,42 @@
+"""Every check of a run that needs no process group and no GPU: a bad run stops here, in seconds.
+
+The trainer calls it first thing on every rank; `foundry launch` calls it before it starts torchrun or
+submits a SLURM job, with the world size the job will have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from data.stream import Dataset, check_compatible, check_readers, open_dataset
+from parallel.topology import Layout
+from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
+from pretrain.convert import from_hf_config
+
+
+def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, int]:
+    """Every check that needs no process group: a bad run stops here, before any GPU time is spent.
+    Returns the datasets, the layout and the gradient-accumulation steps."""
+    datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
+    check_compatible(datasets, cfg.data.streams)
+    vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab} of "
+                          f"{datasets[0].name}: set model.vocab_size >= {vocab}")
+    if cfg.checkpoint.init_from:
+        check_same_architecture(cfg.model, cfg.checkpoint.init_from)
+    layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
+    grad_accum = check_world_size(cfg.train, layout.dp)
+    check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
+    return datasets, layout, grad_accum
+
+
+def check_same_architecture(model: ModelConfig, hf_dir: str) -> None:
+    """The run's [model] must be the imported model's architecture (init_std aside)."""
+    theirs = from_hf_config(json.loads((Path(hf_dir) / "config.json").read_text()))
+    for key in (f.name for f in dataclasses.fields(ModelConfig) if f.name != "init_std"):
+        if getattr(theirs, key) != getattr(model, key):
+            raise ConfigError(f"model.{key}={getattr(model, key)} but {hf_dir} has {getattr(theirs, key)}: use the "
+                              f"model YAML that `foundry convert import {hf_dir} --out MODEL.yaml` writes")

@@ -1,0 +1,118 @@
+"""A real SLURM cluster on localhost for the tests: munge, slurmctld and slurmd from Debian's packages
+(`bash setup.sh --with-services` installs them), configured in a temporary directory.
+
+Partition `cpu` (default) is this machine, which runs the jobs. Partition `gpu` is 16 nodes of
+8 GPUs that exist only on paper: they are cloud nodes (powered down until a job would need them,
+and nothing ever powers them up), so `sbatch --test-only` plans a 16-node job on them, while a
+job that asks for more than they have is refused, as on a real cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hardware() -> str:
+    """This machine as `slurmd -C` sees it, with a little memory held back."""
+    fields = dict(kv.split("=", 1) for kv in subprocess.check_output(["slurmd", "-C"], text=True).split()
+                  if "=" in kv and not kv.startswith(("NodeName", "UpTime")))
+    fields["RealMemory"] = str(int(int(fields["RealMemory"]) * 0.9))
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def write_config(root: Path) -> Path:
+    for d in ("state", "spool"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    conf = root / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=foundrytest
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+GresTypes=gpu
+SuspendProgram=/bin/true
+ResumeProgram=/bin/true
+SuspendTime=3600
+PrivateData=cloud
+# Paper nodes first: slurmctld 22.05 refuses (a duplicated NodeHostName) node lines after a NodeAddr=127.0.0.1 one.
+NodeName=gpu[01-16] NodeAddr=127.0.1.[1-16] CPUs=96 Boards=1 SocketsPerBoard=2 CoresPerSocket=48 ThreadsPerCore=1 RealMemory=1000000 Gres=gpu:8 State=CLOUD
+NodeName=localhost NodeAddr=127.0.0.1 {_hardware()}
+PartitionName=cpu Nodes=localhost Default=YES State=UP MaxTime=INFINITE
+PartitionName=gpu Nodes=gpu[01-16] State=UP MaxTime=INFINITE
+""")
+    return conf
+
+
+def start(root: Path) -> tuple[Path, list[int]]:
+    """Start the daemons; returns slurm.conf and the pids this call started (munged is shared if running)."""
+    missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not installed: run `bash setup.sh --with-services` (as root)")
+    started = []
+    if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+        subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+        started.append(int(Path("/run/munge/munged.pid").read_text()))
+    conf = write_config(root)
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    subprocess.run(["/usr/sbin/slurmctld", "-f", str(conf), "-c"], check=True, env=env)
+    subprocess.run(["/usr/sbin/slurmd", "-f", str(conf), "-N", "localhost"], check=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True, text=True, env=env)
+        if state.stdout.strip() == "idle":
+            break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(f"the SLURM node never became idle; see {root}/slurmctld.log and {root}/slurmd.log")
+    for name in ("slurmctld", "slurmd"):
+        started.append(int((root / f"{name}.pid").read_text()))
+    return conf, started
+
+
+def stop(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def scontrol_job(job_id: str, conf: Path) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                         env={**os.environ, "SLURM_CONF": str(conf)})
+    return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
