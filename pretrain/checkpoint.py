@@ -72,9 +72,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], identity: dict[str, Any],
-         keep: int, also: Any = None) -> None:
+         keep: int, also: Any = None, notes: dict[str, Any] | None = None) -> None:
     """Collective: every rank calls. `identity` (model config, layout) must match to load it exactly;
-    `also(tag_dir)`, if given, writes more files into the checkpoint on every rank before it is sealed."""
+    `also(tag_dir)`, if given, writes more files into the checkpoint on every rank before it is sealed;
+    rank 0's `notes` go into the marker, readable before any engine exists (`read_notes`)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
@@ -85,7 +86,8 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], i
     dist.barrier()  # every rank's files are written
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        write_atomic(tag_dir / MARKER, json.dumps({"step": step, "identity": identity, "files": files}, indent=1))
+        write_atomic(tag_dir / MARKER, json.dumps({"step": step, "identity": identity, "notes": notes or {},
+                                                   "files": files}, indent=1))
         write_atomic(ckpt_dir / POINTER, tag)
         _prune(ckpt_dir, keep, newest=tag)
     dist.barrier()
@@ -120,6 +122,11 @@ def verify(tag_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {tag_dir} was written for {key}={info['identity'].get(key)}, "
                                   f"this run has {key}={expected}: use the same {key} to resume it")
     return info
+
+
+def read_notes(tag_dir: Path) -> dict[str, Any]:
+    """The `notes` a complete checkpoint was saved with (e.g. the MLflow run it continues)."""
+    return json.loads((tag_dir / MARKER).read_text()).get("notes", {})
 
 
 def find_latest(ckpt_dir: Path) -> str | None:

@@ -139,6 +139,11 @@ class TrackingConfig:
     """What is reported and how often."""
 
     log_interval: int = _help(10, "log loss, lr, grad norm, tokens/s and MFU every this many steps")
+    mlflow: bool = _help(True, "log the run to MLflow (rank 0, from a background thread; see pretrain/tracking.py)")
+    uri: str = _help("", "MLflow tracking URI, e.g. http://mlflow.internal:5000 ('': SQLite in RUN_DIR/mlflow.db)")
+    experiment: str = _help("foundry", "MLflow experiment the run belongs to")
+    run_name: str = _help("", "MLflow run name ('': the run directory's name)")
+    flush_seconds: float = _help(60.0, "at the end, wait this long for an unreachable MLflow before giving up")
 
 
 @dataclass

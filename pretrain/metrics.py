@@ -36,12 +36,12 @@ class StepLogger:
         if path is not None and path.is_file():
             _drop_records_after(path, start_step)
 
-    def step(self, step: int, loss: torch.Tensor, engine: Any, last: bool = False) -> None:
+    def step(self, step: int, loss: torch.Tensor, engine: Any, last: bool = False) -> dict[str, Any] | None:
         """Count a finished step; report it if it is the first, every interval-th, or the last (of the run, or
-        before a stop)."""
+        before a stop). Returns the record it reported."""
         self.window_steps += 1
         if not (step % self.interval == 0 or self.first is None or step == self.max_steps or last):
-            return
+            return None
         elapsed = time.perf_counter() - self.window_start
         tok_s = self.tokens_per_step * self.window_steps / elapsed
         util = mfu(tok_s, self.flops_per_token, self.peak_flops, self.devices)
@@ -49,7 +49,7 @@ class StepLogger:
         record = {
             "step": step, "loss": loss.item(), "lr": engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None else float("nan"), "tokens_per_s": tok_s, "mfu": util,
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": peak_memory_gib(self.device), "tokens": step * self.tokens_per_step,
         }
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | mem %.2f GiB | ETA %s",
@@ -63,6 +63,7 @@ class StepLogger:
         self.first = self.first or record
         self.last = record
         self.window_start, self.window_steps = time.perf_counter(), 0
+        return record
 
 
 def _drop_records_after(path: Path, step: int) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from data.stream import ShardLoader, merge_states
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
-from parallel.topology import Topology
+from parallel.topology import Layout, Topology
 from pretrain import checkpoint
 from pretrain import engine as ds_engine
 from pretrain.config import RunConfig, to_yaml
@@ -33,7 +33,9 @@ from pretrain.flops import device_peak_flops, flops_per_token
 from pretrain.metrics import StepLogger, duration
 from pretrain.model import Llama, num_parameters
 from pretrain.preflight import preflight
+from pretrain.kernels import attention_path
 from pretrain.stop import StopRequest, write_status
+from pretrain.tracking import Tracker, flatten, git_commit
 
 log = logging.getLogger("foundry")
 
@@ -46,12 +48,14 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup_logging(rank: int) -> None:
-    # Non-zero ranks stay quiet unless something goes wrong.
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S", force=True,
-    )
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Every rank logs everything to RUN_DIR/logs/rankN.log; on the console non-zero ranks stay quiet unless
+    something goes wrong."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S",
+                        handlers=[console, logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")], force=True)
     # Known noise that says nothing about the run: DeepSpeed asks its own scheduler for the lr before
     # step 1, and ZeRO calls a collective that torch has renamed.
     logging.getLogger("DeepSpeed").addFilter(lambda r: "before it has started" not in r.getMessage())
@@ -63,17 +67,21 @@ def train(cfg: RunConfig) -> None:
     device = pick_device()
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
-    setup_logging(rank)
-    topology = Topology(layout)
-    precision = ds_engine.resolve_precision(cfg.train.precision, device)
     t, d, seq_len = cfg.train, cfg.data, cfg.data.seq_len
     run_dir = Path(t.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    setup_logging(rank, run_dir)
+    topology = Topology(layout)
+    precision = ds_engine.resolve_precision(cfg.train.precision, device)
+    tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None  # the checkpoint to resume from
+    tracker = None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         # Atomically: under `foundry launch` every rank is reading this very file at start-up.
         checkpoint.write_atomic(run_dir / "config.yaml", to_yaml(cfg))
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
+        log.info("logs of every rank: %s", run_dir / "logs")
+        if cfg.tracking.mlflow:  # started early: creating the MLflow run overlaps building the model
+            tracker = _start_tracking(cfg, layout, precision, device, ckpt_dir / tag if tag else None)
 
     # The model: the same full model on every rank (seeded, or imported), then sliced.
     torch.manual_seed(t.seed)
@@ -105,7 +113,6 @@ def train(cfg: RunConfig) -> None:
     identity = json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(layout),
                                       "zero_stage": cfg.parallel.zero_stage}))  # as it reads back from JSON
     start_step, data_state = 0, None
-    tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None
     universal = cfg.parallel.zero_stage in (1, 2)  # a layout-free copy, for resuming under other layouts
 
     def reshard(tag_dir: Path) -> None:
@@ -145,7 +152,8 @@ def train(cfg: RunConfig) -> None:
         checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep, also=(
             lambda tag_dir: checkpoint.save_universal(engine, tag_dir, plain_names, topology.tp_rank,
                                                       topology.pp_rank, topology.dp_rank,
-                                                      engine.lr_scheduler.state_dict())) if universal else None)
+                                                      engine.lr_scheduler.state_dict())) if universal else None,
+                        notes={"mlflow_run_id": tracker.run_id} if tracker else None)
 
     run_start, step, stopped_by = time.perf_counter(), start_step, None
     try:
@@ -155,13 +163,19 @@ def train(cfg: RunConfig) -> None:
             else:
                 loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
             stopped_by = stop.agreed(device)
-            metrics.step(step, loss, engine, last=bool(stopped_by))
+            record = metrics.step(step, loss, engine, last=bool(stopped_by))
+            if tracker and record:
+                tracker.log(record)
             if step == t.max_steps or stopped_by or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
                 save(step)
             if stopped_by:
                 log.info("stopped by %s after step %d of %d; the run resumes from %s", stopped_by, step,
                          t.max_steps, ckpt_dir / checkpoint.tag_for(step))
                 break
+    except BaseException:
+        if tracker:
+            tracker.close("FAILED")
+        raise
     finally:
         loader.close()
 
@@ -170,6 +184,8 @@ def train(cfg: RunConfig) -> None:
                  step, duration(time.perf_counter() - run_start), metrics.first["loss"], metrics.last["loss"])
     if rank == 0:
         write_status(run_dir, "stopped" if stopped_by else "finished", step, t.max_steps, stopped_by)
+    if tracker:
+        tracker.close("KILLED" if stopped_by else "FINISHED")
     if cfg.checkpoint.save_consolidated and not stopped_by:
         full = full_state_dict(engine.module, plain_names, topology, cfg.model.vocab_size, cfg.model.tie_embeddings)
         if rank == 0:
@@ -179,6 +195,21 @@ def train(cfg: RunConfig) -> None:
     del engine, model, module
     dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
     dist.destroy_process_group()
+
+
+def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torch.device,
+                    resume_from: Path | None) -> Tracker:
+    """The run's MLflow run: the one the checkpoint we resume from names, else a new one."""
+    run_id = checkpoint.read_notes(resume_from).get("mlflow_run_id") if resume_from else None
+    probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    tags = {
+        "git.commit": git_commit(), "layout": str(layout), "zero_stage": str(cfg.parallel.zero_stage),
+        "world_size": str(dist.get_world_size()), "precision": precision, "kernel.attention": attention_path(probe),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
+    }
+    return Tracker(cfg.tracking, Path(cfg.train.run_dir), run_id=run_id, params=flatten(dataclasses.asdict(cfg)),
+                   tags=tags, config_yaml=to_yaml(cfg))
 
 
 def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:

@@ -43,6 +43,8 @@ def data_args(shards: Path) -> list[str]:
 def torchrun(nproc: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m pretrain.cli train ARGS` in the repo; raises on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if not any(a.startswith("tracking.mlflow=") for a in args):
+        args = [*args, "tracking.mlflow=false"]  # MLflow has its own tests; elsewhere it only costs CPU time
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "pretrain.cli", "train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -44,6 +44,7 @@ def killed_run(tmp_path_factory, stdlib_shards) -> Path:
     run_dir = tmp_path_factory.mktemp("killed")
     ckpt = run_dir / "checkpoints"
     cmd = [sys.executable, "-m", "pretrain.cli", "train", *COMMON, *data_args(stdlib_shards), "train.max_steps=400",
+           "tracking.mlflow=false",
            "checkpoint.interval=1", "data.workers=0", f"train.run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

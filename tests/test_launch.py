@@ -23,7 +23,7 @@ from tests.slurm_cluster import scontrol_job
 TINY = [
     "configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=16", "train.micro_batch_size=8",
     "train.warmup_steps=5", "data.seq_len=128", "tracking.log_interval=1", "checkpoint.resume=true",
-    "launch.procs_per_node=2",
+    "launch.procs_per_node=2", "tracking.mlflow=false",
 ]
 
 
