@@ -295,7 +295,8 @@ def activations() -> str:
     """Bytes a bf16 Llama keeps from forward for backward, next to the planner's: one block per
     (kv heads, MLP width) of Llama 3 8B at s=4096, b=2, then a 4-block model with its head and
     loss, without the planner's recompute working set (it lives in backward only)."""
-    from parallel.parallelize import apply_activation_checkpointing, cross_entropy
+    from parallel.parallelize import apply_activation_checkpointing
+    from pretrain.kernels import cross_entropy
     from parallel.planner import PRECISIONS, activation_bytes, layer_activation_bytes
     from pretrain.config import load_model_config
     from pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies

@@ -12,7 +12,6 @@ from parallel.topology import Topology
 from pretrain.model import VOCAB_PARAMS
 
 
-
 def full_state_dict(module: nn.Module, names: dict[int, str], topology: Topology, vocab_size: int,
                     tie_embeddings: bool) -> dict[str, torch.Tensor]:
     """fp32 CPU tensors keyed by the plain model's names, on global rank 0 ({} elsewhere).

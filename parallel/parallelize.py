@@ -8,23 +8,18 @@ import logging
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parallel.pipeline import build_pipeline_module
 from parallel.tensor import apply_tensor_parallel
 from parallel.topology import Topology
 from pretrain.config import ParallelConfig
+from pretrain.kernels import cross_entropy
 from pretrain.model import Llama
 
 log = logging.getLogger("foundry")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over (B, S) targets, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
 
 
 def apply_activation_checkpointing(model: Llama, mode: str, interval: int) -> list[int]:

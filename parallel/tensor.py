@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.kernels import rms_norm
 from pretrain.model import Attention, FeedForward, Llama, RMSNorm
 
 Group = Any
@@ -215,7 +216,7 @@ class SequenceParallelRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tensor_model_parallel_region(self.weight, self.group)
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
+        return rms_norm(x, weight, self.eps)
 
 
 # The loss.

@@ -74,6 +74,22 @@ class ParallelConfig:
 
 
 @dataclass
+class KernelConfig:
+    """Which implementation runs each hot spot; chosen at start-up and logged (pretrain/kernels.py)."""
+
+    attention: str = _help("auto", "auto (flash-attn on CUDA bf16/fp16 when installed, else sdpa), flash-attn, sdpa")
+    rmsnorm: str = _help("auto", "auto (NVIDIA apex's fused RMSNorm on CUDA when installed, else torch), apex, torch")
+    optimizer: str = _help("auto", "AdamW: auto (torch fused on CUDA, torch foreach on CPU), torch-fused, torch, "
+                                   "deepspeed-fused (DeepSpeed's JIT-compiled CUDA FusedAdam)")
+    loss_chunk_tokens: int = _help(
+        0, "compute the output layer and cross-entropy this many tokens at a time (recomputed in backward), so "
+        "the fp32 logits of a large vocabulary are never held whole; 0: all at once. Without tensor/pipeline "
+        "parallelism (the vocab-parallel loss already splits the vocabulary)"
+    )
+    compile: bool = _help(False, "torch.compile each transformer block (fuses RoPE, SwiGLU and norms; slow start)")
+
+
+@dataclass
 class DatasetConfig:
     """One dataset prepared by `foundry prepare-data`."""
 
@@ -96,6 +112,10 @@ class DataConfig:
     workers: int = _help(1, "loader worker processes per rank (0: read in the training process)")
     shuffle: bool = _help(True, "seeded shard order per epoch and sample order within each shard")
     on_error: str = _help("stop", "a missing, truncated or corrupt shard: stop, or skip it (counted and logged)")
+    document_mask: bool = _help(
+        False, "tokens attend only within their own document of a packed window (documents end with the "
+        "tokenizer's end-of-text token), with RoPE positions restarting at each document; not with pipeline stages"
+    )
 
 
 @dataclass
@@ -182,6 +202,7 @@ class LaunchConfig:
 class RunConfig:
     model: ModelConfig = _help(ModelConfig(), "the Llama model")
     parallel: ParallelConfig = _help(ParallelConfig(), "the process layout")
+    kernels: KernelConfig = _help(KernelConfig(), "kernel paths")
     data: DataConfig = _help(DataConfig(), "the training data")
     train: TrainConfig = _help(TrainConfig(), "optimisation")
     checkpoint: CheckpointConfig = _help(CheckpointConfig(), "checkpoints")
@@ -295,6 +316,17 @@ def validate(cfg: RunConfig) -> None:
     if t.global_batch_size % d.streams:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of data.streams="
                           f"{d.streams}: each step takes the same number of windows from every stream")
+    k = cfg.kernels
+    for key, value, allowed in (("attention", k.attention, ("auto", "flash-attn", "sdpa")),
+                                ("rmsnorm", k.rmsnorm, ("auto", "apex", "torch")),
+                                ("optimizer", k.optimizer, ("auto", "torch-fused", "torch", "deepspeed-fused"))):
+        if value not in allowed:
+            raise ConfigError(f"kernels.{key}={value!r} is not one of {', '.join(allowed)}")
+    if k.loss_chunk_tokens < 0:
+        raise ConfigError(f"kernels.loss_chunk_tokens={k.loss_chunk_tokens} must be >= 0 (0: no chunking)")
+    if d.document_mask and cfg.parallel.pipeline > 1:
+        raise ConfigError("data.document_mask=true is not supported with parallel.pipeline > 1 yet (the stages pass "
+                          "only hidden states): turn one of them off")
     la = cfg.launch
     _require_positive({"launch.nodes": la.nodes, "launch.procs_per_node": la.procs_per_node,
                        "launch.grace_seconds": la.grace_seconds,

@@ -19,7 +19,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: int, precision: str) -> dict[str, Any]:
+def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: int, precision: str,
+                     optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`optimizer`: the AdamW implementation's settings (pretrain.kernels.optimizer_params); default torch's."""
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -29,10 +31,10 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: i
         "bf16": {"enabled": precision == "bf16"},
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW: DeepSpeed's FusedAdam is a JIT-compiled CUDA/C++ op (minutes cold, and
-            # absent on CPU); torch's is fused on CUDA and exact everywhere.
+            # torch's AdamW unless asked otherwise: DeepSpeed's FusedAdam is a JIT-compiled CUDA/C++ op
+            # (minutes cold, and absent on CPU); torch's is fused on CUDA and exact everywhere.
             "params": {"lr": train.lr, "betas": list(train.betas), "eps": train.eps,
-                       "weight_decay": train.weight_decay, "torch_adam": True},
+                       "weight_decay": train.weight_decay, **(optimizer or {"torch_adam": True})},
         },
         "scheduler": {
             "type": "WarmupCosineLR",

@@ -1,9 +1,11 @@
-"""Kernel paths: which implementation runs attention, chosen per call from what is installed
-and where the tensors live, and logged once per path so every run says what it used.
+"""Kernel paths: which implementation runs attention, RMSNorm and the loss, chosen from the config
+(`[kernels]`) and what is installed, and logged so every run says what it used.
 
-flash-attn (Dao-AILab) is optional: it is built against CUDA and cannot be installed on CPU
-machines. Without it, or on CPU, or in fp32, attention runs through torch's
-scaled_dot_product_attention, which picks its own fused backend.
+flash-attn (Dao-AILab) and NVIDIA apex are optional: both build against CUDA and cannot be
+installed on CPU machines. Without flash-attn, or on CPU, or in fp32, attention runs through
+torch's scaled_dot_product_attention, which picks its own fused backend (flash / memory-efficient
+on GPU). Without apex, RMSNorm runs through torch's `F.rms_norm`. A path asked for by name that
+is not installed is a ConfigError before anything starts (`check`).
 """
 
 from __future__ import annotations
@@ -12,36 +14,134 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.config import ConfigError, KernelConfig
 
 log = logging.getLogger(__name__)
 
 try:
-    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+try:
+    from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore[import-not-found]
+except ImportError:
+    fused_rms_norm_affine = None
 
+# What the run asked for ([kernels]); `configure` sets it on every rank before the model runs.
+_choice = KernelConfig()
 _logged: set[str] = set()
+
+
+def check(cfg: KernelConfig) -> None:
+    """Refuse a kernel asked for by name that is not installed."""
+    if cfg.attention == "flash-attn" and flash_attn_func is None:
+        raise ConfigError("kernels.attention=flash-attn but flash_attn is not installed: `pip install flash-attn "
+                          "--no-build-isolation` on a CUDA machine, or use kernels.attention=auto")
+    if cfg.rmsnorm == "apex" and fused_rms_norm_affine is None:
+        raise ConfigError("kernels.rmsnorm=apex but NVIDIA apex is not installed (not PyPI's `apex`): build it from "
+                          "github.com/NVIDIA/apex with its CUDA extensions, or use kernels.rmsnorm=auto")
+
+
+def configure(cfg: KernelConfig) -> None:
+    global _choice
+    check(cfg)
+    _choice = cfg
+
+
+def _once(what: str, path: str, why: str = "") -> None:
+    if (what, path) not in _logged:
+        _logged.add((what, path))
+        log.info("%s kernel: %s%s", what, path, why)
 
 
 def attention_path(q: torch.Tensor) -> str:
     """'flash-attn' or 'sdpa' for query tensors like `q`."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        return "flash-attn"
-    return "sdpa"
+    usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return "flash-attn" if usable and _choice.attention != "sdpa" else "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention. q (B, S, H, Dh), k and v (B, S, K, Dh) with K dividing H -> (B, S, H, Dh)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention. q (B, S, H, Dh), k and v (B, S, K, Dh) with K dividing H -> (B, S, H, Dh).
+    With `documents` (B, S), each window's document index per token, a token sees only its own document."""
     path = attention_path(q)
-    if path not in _logged:
-        _logged.add(path)
-        why = "" if path == "flash-attn" else (
-            " (flash-attn not installed)" if flash_attn_func is None else " (flash-attn needs CUDA bf16/fp16 tensors)"
-        )
-        log.info("attention kernel: %s%s", path, why)
+    _once("attention", path + (" with document masking" if documents is not None else ""), "" if path == "flash-attn" else (
+        " (chosen)" if _choice.attention == "sdpa" else
+        " (flash-attn not installed)" if flash_attn_func is None else " (flash-attn needs CUDA bf16/fp16 tensors)"))
     if path == "flash-attn":
-        return flash_attn_func(q, k, v, causal=True)  # native GQA when K divides H
+        if documents is None:
+            return flash_attn_func(q, k, v, causal=True)  # native GQA when K divides H
+        return _flash_varlen(q, k, v, documents)
+    mask = None
+    if documents is not None:  # causal and same document; SDPA then runs its masked (not flash) backend
+        S = q.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        mask = (documents[:, :, None] == documents[:, None, :]) & causal  # (B, S, S)
+        mask = mask[:, None]  # broadcast over heads
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+        enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, S, Dh)
     return out.transpose(1, 2)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """Every document of every window as its own sequence: flash-attn's variable-length kernel, no mask."""
+    B, S = documents.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # a new sequence at each window and document start
+    lengths = torch.diff(torch.nonzero(starts.flatten()).flatten(), append=torch.tensor([B * S], device=q.device))
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    max_len = int(lengths.max())
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                 max_len, max_len, causal=True)
+    return out.view(B, S, *out.shape[1:])
+
+
+def rmsnorm_path(x: torch.Tensor) -> str:
+    usable = fused_rms_norm_affine is not None and x.is_cuda
+    return "apex" if usable and _choice.rmsnorm != "torch" else "torch"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x), normalised in fp32 as Llama does (bf16 sums of squares lose too much)."""
+    path = rmsnorm_path(x)
+    _once("rmsnorm", path, "" if path == "apex" else " (apex not installed)" if fused_rms_norm_affine is None
+          else " (chosen)" if _choice.rmsnorm == "torch" else " (apex needs CUDA tensors)")
+    if path == "apex":
+        return fused_rms_norm_affine(x, weight, weight.shape, eps)  # computes in fp32 internally
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over (B, S) targets, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets), `chunk` tokens at a time: each chunk's fp32 logits exist
+    only while it is computed, in forward and again (recomputed) in backward, never the whole (B*S, V)."""
+    _once("loss", f"chunked output layer + cross-entropy, {chunk} tokens per chunk")
+    h, y = hidden.flatten(0, -2), targets.flatten()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_summed_loss, h[start:start + chunk], weight, y[start:start + chunk],
+                                   use_reentrant=False)
+    return total / y.numel()
+
+
+def _summed_loss(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ weight.t()).float(), y, reduction="sum")
+
+
+def optimizer_params(cfg: KernelConfig, device: torch.device) -> tuple[str, dict]:
+    """The AdamW path and its DeepSpeed optimizer settings."""
+    choice = cfg.optimizer
+    if choice == "auto":
+        choice = "torch-fused" if device.type == "cuda" else "torch"
+    if choice == "deepspeed-fused":
+        return "DeepSpeed FusedAdam (JIT-compiled CUDA op)", {"torch_adam": False}
+    if choice == "torch-fused":
+        return "torch AdamW, fused", {"torch_adam": True, "fused": True}
+    return "torch AdamW, foreach", {"torch_adam": True}

@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.kernels import attention
-
+from pretrain.kernels import attention, cross_entropy, head_cross_entropy, rms_norm
 
 # Parameters with one row per vocabulary entry (padded when the vocabulary is split across ranks).
 VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -30,8 +29,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Llama does: bf16 sums of squares lose too much precision.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(head_dim: int, cfg: ModelConfig) -> torch.Tensor:
@@ -57,10 +55,13 @@ def rope_cos_sin(inv_freq: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+Dh/2}) of x (B, S, heads, Dh) by position-dependent angles."""
+    """Rotate pairs (x_i, x_{i+Dh/2}) of x (B, S, heads, Dh) by position-dependent angles; cos and sin are
+    (S, Dh), or (B, S, Dh) when each sequence has its own positions (document masking)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
@@ -74,7 +75,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         # Shapes come from the projections' outputs, not from x, so a tensor-parallel shard of this
         # module (fewer heads; under sequence parallelism, x a slice of the sequence) runs unchanged.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -82,7 +84,7 @@ class Attention(nn.Module):
         k = k.view(*k.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
         v = v.view(*v.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v)  # (B, S, H, Dh), causal
+        out = attention(q, k, v, documents)  # (B, S, H, Dh), causal (within each document)
         return self.o_proj(out.flatten(2))
 
 
@@ -110,13 +112,15 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
-        return self._forward(x, cos, sin)
+            return checkpoint(self._forward, x, cos, sin, documents, use_reentrant=False)
+        return self._forward(x, cos, sin, documents)
 
-    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 documents: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -132,7 +136,13 @@ class LlamaBody(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens (B, S) -> logits (B, S, V)."""
+    """tokens (B, S) -> logits (B, S, V); with targets (B, S), the mean next-token loss instead."""
+
+    # Tokens per chunk of the output layer + loss when targets are given (0: all at once; see kernels).
+    loss_chunk: int = 0
+    # Document masking: the token id that ends a document (None: off). Tokens attend only within their
+    # own document of the packed window, and RoPE positions restart at each document.
+    document_end: int | None = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -161,13 +171,35 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         S = tokens.shape[1]
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        documents = None
+        if self.document_end is None:
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        else:
+            documents, positions = document_positions(tokens, self.document_end)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, S, Dh)
         x = self.model.embed_tokens(tokens)  # (B, S, D)
         for layer in self.model.layers.values():
-            x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))  # (B, S, V)
+            x = layer(x, cos, sin, documents)
+        x = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(x)  # (B, S, V)
+        if self.loss_chunk:
+            return head_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+        return cross_entropy(self.lm_head(x), targets)
+
+
+def document_positions(tokens: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed windows (B, S): each token's document index within its window (a document's end token
+    belongs to it) and its position within that document."""
+    ends = (tokens == end).long()
+    documents = ends.cumsum(dim=1) - ends  # (B, S): documents counted before this token
+    index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    # A document starts where the document index changes; each token's start is the latest such index.
+    starts = torch.where(documents != documents.roll(1, dims=1), index, 0)
+    starts[:, 0] = 0
+    return documents, index - starts.cummax(dim=1).values
 
 
 def num_parameters(cfg: ModelConfig, embedding: bool = True) -> int:

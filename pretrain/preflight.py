@@ -12,6 +12,7 @@ from pathlib import Path
 
 from data.stream import Dataset, check_compatible, check_readers, open_dataset
 from parallel.topology import Layout
+from pretrain import kernels
 from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
 from pretrain.convert import from_hf_config
 
@@ -19,6 +20,7 @@ from pretrain.convert import from_hf_config
 def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, int]:
     """Every check that needs no process group: a bad run stops here, before any GPU time is spent.
     Returns the datasets, the layout and the gradient-accumulation steps."""
+    kernels.check(cfg.kernels)
     datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
     check_compatible(datasets, cfg.data.streams)
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]

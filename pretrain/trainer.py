@@ -25,7 +25,7 @@ from data.stream import ShardLoader, merge_states
 from parallel.consolidate import full_state_dict
 from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
-from pretrain import checkpoint
+from pretrain import checkpoint, kernels
 from pretrain import engine as ds_engine
 from pretrain.config import RunConfig, to_yaml
 from pretrain.convert import load_hf
@@ -33,7 +33,6 @@ from pretrain.flops import device_peak_flops, flops_per_token
 from pretrain.metrics import StepLogger, duration
 from pretrain.model import Llama, num_parameters
 from pretrain.preflight import preflight
-from pretrain.kernels import attention_path
 from pretrain.stop import StopRequest, write_status
 from pretrain.tracking import Tracker, flatten, git_commit
 
@@ -65,6 +64,7 @@ def setup_logging(rank: int, run_dir: Path) -> None:
 def train(cfg: RunConfig) -> None:
     datasets, layout, grad_accum = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device = pick_device()
+    kernels.configure(cfg.kernels)
     ds_engine.init_distributed(device)
     rank = dist.get_rank()
     t, d, seq_len = cfg.train, cfg.data, cfg.data.seq_len
@@ -93,7 +93,21 @@ def train(cfg: RunConfig) -> None:
     module, loss_fn = parallelize(model, topology, cfg.parallel)
     plain_names = {id(p): n for n, p in model.named_parameters()}
     pipelined = layout.pp > 1
-    ds_config = ds_engine.deepspeed_config(t, cfg.parallel, grad_accum, precision)
+    optimizer_path, optimizer_params = kernels.optimizer_params(cfg.kernels, device)
+    if cfg.kernels.loss_chunk_tokens and layout.tp == 1 and not pipelined:
+        model.loss_chunk, loss_fn = cfg.kernels.loss_chunk_tokens, None  # the model computes its own loss
+    if d.document_mask:
+        model.document_end = datasets[0].manifest["tokenizer"]["eos_id"]  # every dataset has the same tokenizer
+    if cfg.kernels.compile:
+        for block in model.model.layers.values():
+            block.compile()  # in place: parameter names, and so checkpoints, stay as they are
+    probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    log.info("kernels: attention %s%s | rmsnorm %s | loss %s | optimizer %s | torch.compile %s",
+             kernels.attention_path(probe), " with document masking" if d.document_mask else "", kernels.rmsnorm_path(probe),
+             f"chunked, {model.loss_chunk} tokens" if model.loss_chunk else
+             "vocab-parallel" if layout.tp > 1 else "whole logits", optimizer_path,
+             "blocks" if cfg.kernels.compile else "off")
+    ds_config = ds_engine.deepspeed_config(t, cfg.parallel, grad_accum, precision, optimizer_params)
     engine = ds_engine.initialize(module, ds_config, mpu=None if pipelined else topology)
 
     flops_token = flops_per_token(cfg.model, seq_len)
@@ -204,7 +218,7 @@ def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torc
     probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     tags = {
         "git.commit": git_commit(), "layout": str(layout), "zero_stage": str(cfg.parallel.zero_stage),
-        "world_size": str(dist.get_world_size()), "precision": precision, "kernel.attention": attention_path(probe),
+        "world_size": str(dist.get_world_size()), "precision": precision, "kernel.attention": kernels.attention_path(probe),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
     }
@@ -213,11 +227,12 @@ def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torc
 
 
 def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:
+    """loss_fn None: the model computes the loss from (inputs, targets) itself (chunked output layer)."""
     """One optimizer step; returns the mean loss over the global batch."""
     loss_sum = torch.zeros((), device=engine.device)
     for _ in range(grad_accum):
         inputs, targets = next(batches)
-        loss = loss_fn(engine(inputs), targets)
+        loss = engine(inputs, targets) if loss_fn is None else loss_fn(engine(inputs), targets)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         loss_sum += loss.detach()
