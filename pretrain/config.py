@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -135,6 +136,11 @@ class TrainConfig:
     grad_clip: float = _help(1.0, "clip the global gradient norm to this; 0 turns clipping off")
     precision: str = _help("auto", "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32")
     run_dir: str = _help("runs/default", "where the resolved config, metrics and checkpoints go")
+    step_timeout_seconds: float = _help(
+        900.0, "hang watchdog: a rank that finishes no step for this long logs every rank's last step and its "
+        "stacks and exits, so the job ends (0: off; the clock starts after the first step)"
+    )
+    collective_timeout_seconds: float = _help(1800.0, "a collective that waits this long on its peers fails")
 
 
 @dataclass
@@ -230,20 +236,39 @@ def _merge(files: list[str], overrides: list[str]) -> RunConfig:
         for path in files:
             if not Path(path).is_file():
                 raise ConfigError(f"config file {path} not found: pass an existing YAML file (see configs/)")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"config file {path} is not valid YAML ({_first_line(e)}): fix it there") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"config file {path} is not a mapping of sections (model:, train:, ...): fix it")
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
-                raise ConfigError(f"override '{item}' is not key=value: write it as e.g. train.lr=3e-4")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+                raise ConfigError(f"override {item!r} is not key=value: write it as e.g. train.lr=3e-4")
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {item!r}: YAML cannot read its value ({_first_line(e)}): quote it, "
+                                  f"e.g. key='\"text\"'") from None
+            except OmegaConfBaseException:
+                raise
+            except Exception as e:  # noqa: BLE001 - OmegaConf's key parser fails with bare errors on odd keys
+                raise ConfigError(f"override {item!r} cannot be read ({type(e).__name__}): write it as "
+                                  f"section.key=value, e.g. train.lr=3e-4") from None
         cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None
     return cfg
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
-    key = getattr(e, "full_key", None) or "?"
-    first = str(e).splitlines()[0]
+    key = repr(getattr(e, "full_key", None) or "?")[1:-1]  # user text, kept on one line
+    first = _first_line(e)
     if type(e).__name__ in ("ConfigKeyError", "ConfigAttributeError") and "not in" in first:
         section = key.rsplit(".", 1)[0] if "." in key else ""
         return f"unknown config key '{key}': check its spelling; valid keys are listed by `foundry train --help`" + (
@@ -295,6 +320,8 @@ def validate(cfg: RunConfig) -> None:
                           f"Hugging Face Llama directory")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1: the newest checkpoint is always kept")
+    if t.step_timeout_seconds < 0 or t.collective_timeout_seconds <= 0:
+        raise ConfigError("train.step_timeout_seconds must be >= 0 (0: off) and train.collective_timeout_seconds > 0")
     if t.warmup_steps >= t.max_steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} is not below train.max_steps={t.max_steps}: "
                           f"lower warmup_steps (e.g. {max(t.max_steps // 10, 0)})")

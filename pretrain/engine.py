@@ -4,6 +4,7 @@ gradient accumulation, clipping and bf16 master weights."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -69,7 +70,7 @@ def initialize(model: nn.Module, ds_config: dict[str, Any], mpu: Any = None) -> 
     return engine
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_seconds: float = 1800.0) -> None:
     """Join the process group torchrun (or SLURM's srun) describes; a lone process is a world of one."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -86,8 +87,10 @@ def init_distributed(device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Our own init binds NCCL to this rank's GPU (DeepSpeed's cannot), so collectives never guess the
     # device; DeepSpeed then adopts the existing group.
-    torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                         timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
 def _free_port() -> int:

@@ -35,6 +35,7 @@ from pretrain.model import Llama, num_parameters
 from pretrain.preflight import preflight
 from pretrain.stop import StopRequest, write_status
 from pretrain.tracking import Tracker, flatten, git_commit
+from pretrain.watchdog import Watchdog
 
 log = logging.getLogger("foundry")
 
@@ -65,7 +66,7 @@ def train(cfg: RunConfig) -> None:
     datasets, layout, grad_accum = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     device = pick_device()
     kernels.configure(cfg.kernels)
-    ds_engine.init_distributed(device)
+    ds_engine.init_distributed(device, cfg.train.collective_timeout_seconds)
     rank = dist.get_rank()
     t, d, seq_len = cfg.train, cfg.data, cfg.data.seq_len
     run_dir = Path(t.run_dir)
@@ -156,6 +157,9 @@ def train(cfg: RunConfig) -> None:
                          interval=cfg.tracking.log_interval, tokens_per_step=tokens_per_step,
                          flops_per_token=flops_token, peak_flops=peak, devices=dist.get_world_size(), device=device)
     stop = StopRequest()
+    watchdog = Watchdog(dist.distributed_c10d._get_default_store(), rank, dist.get_world_size(),  # torchrun's store
+                        t.step_timeout_seconds, (run_dir / "logs" / f"rank{rank}.log").open("a")) \
+        if t.step_timeout_seconds else None
     if rank == 0:
         write_status(run_dir, "running", start_step, t.max_steps)
     def save(step: int) -> None:
@@ -177,6 +181,8 @@ def train(cfg: RunConfig) -> None:
             else:
                 loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
             stopped_by = stop.agreed(device)
+            if watchdog:
+                watchdog.beat(step)
             record = metrics.step(step, loss, engine, last=bool(stopped_by))
             if tracker and record:
                 tracker.log(record)
@@ -192,6 +198,8 @@ def train(cfg: RunConfig) -> None:
         raise
     finally:
         loader.close()
+        if watchdog:
+            watchdog.stop()
 
     if metrics.first is not None:
         log.info("%s: steps %d-%d in %s | loss %.4f -> %.4f", "stopped" if stopped_by else "done", start_step + 1,

@@ -1,0 +1,91 @@
+"""The hang watchdog: a job whose ranks stop finishing steps ends, with the culprit named, instead of
+waiting in a collective for ever.
+
+Every rank runs a thread. After each step the rank records its step in the process group's store
+(the c10d key-value store torchrun serves), and the thread records every few seconds that the
+process is alive. When this rank has finished no step for `train.step_timeout_seconds`, the
+thread names the ranks to blame: those whose process stopped answering (killed, frozen, swapped
+out) and those a step behind; the others are waiting for them in a collective. It logs every
+rank's last step, writes every thread's Python stack to this rank's log (where a rank stuck in
+its own code shows where), and exits the process with code 3, so torchrun ends the job and
+`foundry launch` can relaunch it from the last checkpoint.
+The clock starts after the first step (start-up and compilation take as long as they take).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("foundry")
+
+EXIT_CODE = 3
+
+
+class Watchdog:
+    def __init__(self, store: Any, rank: int, world_size: int, timeout: float, stack_file: Any):
+        self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
+        self.stack_file = stack_file  # an open file: faulthandler writes to its descriptor
+        self.step: int | None = None
+        self.last = time.monotonic()
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="foundry-watchdog", daemon=True).start()
+
+    def beat(self, step: int) -> None:
+        self.step, self.last = step, time.monotonic()
+        self._set(f"foundry/heartbeat/{self.rank}", step)
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(timeout=self.interval):
+            self._set(f"foundry/alive/{self.rank}", time.time())
+            if self.step is not None and time.monotonic() - self.last > self.timeout:
+                self._fire()
+
+    @property
+    def interval(self) -> float:
+        return min(self.timeout / 4, 5.0)
+
+    def _fire(self) -> None:
+        steps, alive = self._read("foundry/heartbeat"), self._read("foundry/alive")
+        newest = max(steps.values(), default=self.step)
+        now = time.time()
+        silent = [r for r in range(self.world_size) if now - alive.get(r, 0.0) > 3 * self.interval]
+        behind = [r for r in range(self.world_size) if steps.get(r, -1) < newest]
+        blamed = sorted(set(silent) | set(behind))
+        seen = ", ".join(f"rank {r}: step {steps.get(r, 'none')}"
+                         + (", not answering" if r in silent else "") for r in range(self.world_size))
+        log.error("watchdog: no step finished for %.0f s (train.step_timeout_seconds=%.0f) after step %d; %s; "
+                  "last steps: %s. Stacks of every thread follow in the rank logs; exiting so the job ends",
+                  time.monotonic() - self.last, self.timeout, self.step,
+                  f"blame {', '.join(f'rank {r}' for r in blamed)}" if blamed else
+                  "no rank is silent or behind: compare the stacks in the rank logs", seen)
+        self.stack_file.write(f"--- watchdog: Python stacks of rank {self.rank} ---\n")
+        self.stack_file.flush()
+        faulthandler.dump_traceback(file=self.stack_file, all_threads=True)
+        self.stack_file.flush()
+        os._exit(EXIT_CODE)
+
+    def _set(self, key: str, value: float) -> None:
+        try:
+            self.store.set(key, json.dumps(value))
+        except Exception:  # noqa: BLE001 - a store gone with the job must not kill the watchdog itself
+            pass
+
+    def _read(self, prefix: str) -> dict[int, float]:
+        values = {}
+        for r in range(self.world_size):
+            key = f"{prefix}/{r}"
+            try:
+                if self.store.check([key]):
+                    values[r] = json.loads(self.store.get(key))
+            except Exception:  # noqa: BLE001 - the store may be gone with the job; report what we have
+                continue
+        return values
