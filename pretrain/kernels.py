@@ -62,9 +62,38 @@ def attention_path(q: torch.Tensor) -> str:
     return "flash-attn" if usable and _choice.attention != "sdpa" else "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+class Documents:
+    """Which document of its packed window each token belongs to (B, S), and what attention derives from
+    that: built once per forward pass and shared by every layer, so the mask is not rebuilt per layer."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids
+        self._mask: torch.Tensor | None = None
+        self._varlen: tuple[torch.Tensor, int] | None = None
+
+    def mask(self) -> torch.Tensor:
+        """SDPA's boolean mask (B, 1, S, S): causal and within the same document."""
+        if self._mask is None:
+            S = self.ids.shape[1]
+            causal = torch.ones(S, S, dtype=torch.bool, device=self.ids.device).tril()
+            self._mask = ((self.ids[:, :, None] == self.ids[:, None, :]) & causal)[:, None]
+        return self._mask
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        """flash-attn's cu_seqlens and longest length: every document of every window as its own sequence."""
+        if self._varlen is None:
+            B, S = self.ids.shape
+            starts = torch.ones_like(self.ids, dtype=torch.bool)
+            starts[:, 1:] = self.ids[:, 1:] != self.ids[:, :-1]  # a new sequence at each window and document
+            first = torch.nonzero(starts.flatten()).flatten()
+            lengths = torch.diff(first, append=torch.tensor([B * S], device=first.device))
+            self._varlen = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+        return self._varlen
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
     """Causal attention. q (B, S, H, Dh), k and v (B, S, K, Dh) with K dividing H -> (B, S, H, Dh).
-    With `documents` (B, S), each window's document index per token, a token sees only its own document."""
+    With `documents`, a token sees only the earlier tokens of its own document."""
     path = attention_path(q)
     _once("attention", path + (" with document masking" if documents is not None else ""), "" if path == "flash-attn" else (
         " (chosen)" if _choice.attention == "sdpa" else
@@ -72,31 +101,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torc
     if path == "flash-attn":
         if documents is None:
             return flash_attn_func(q, k, v, causal=True)  # native GQA when K divides H
-        return _flash_varlen(q, k, v, documents)
-    mask = None
-    if documents is not None:  # causal and same document; SDPA then runs its masked (not flash) backend
-        S = q.shape[1]
-        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-        mask = (documents[:, :, None] == documents[:, None, :]) & causal  # (B, S, S)
-        mask = mask[:, None]  # broadcast over heads
+        cu_seqlens, max_len = documents.varlen()
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                     max_len, max_len, causal=True)
+        return out.view(q.shape)
+    # With documents SDPA takes the mask, and runs its masked (not flash) backend.
+    mask = documents.mask() if documents is not None else None
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, S, Dh)
     return out.transpose(1, 2)
-
-
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
-    """Every document of every window as its own sequence: flash-attn's variable-length kernel, no mask."""
-    B, S = documents.shape
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # a new sequence at each window and document start
-    lengths = torch.diff(torch.nonzero(starts.flatten()).flatten(), append=torch.tensor([B * S], device=q.device))
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    max_len = int(lengths.max())
-    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
-                                 max_len, max_len, causal=True)
-    return out.view(B, S, *out.shape[1:])
 
 
 def rmsnorm_path(x: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.kernels import attention, cross_entropy, head_cross_entropy, rms_norm
+from pretrain.kernels import Documents, attention, cross_entropy, head_cross_entropy, rms_norm
 
 # Parameters with one row per vocabulary entry (padded when the vocabulary is split across ranks).
 VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -76,7 +76,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: Documents | None = None) -> torch.Tensor:
         # Shapes come from the projections' outputs, not from x, so a tensor-parallel shard of this
         # module (fewer heads; under sequence parallelism, x a slice of the sequence) runs unchanged.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -113,13 +113,13 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: Documents | None = None) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, documents, use_reentrant=False)
         return self._forward(x, cos, sin, documents)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 documents: torch.Tensor | None = None) -> torch.Tensor:
+                 documents: Documents | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -177,7 +177,8 @@ class Llama(nn.Module):
         if self.document_end is None:
             cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         else:
-            documents, positions = document_positions(tokens, self.document_end)
+            ids, positions = document_positions(tokens, self.document_end)
+            documents = Documents(ids)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, S, Dh)
         x = self.model.embed_tokens(tokens)  # (B, S, D)
         for layer in self.model.layers.values():
