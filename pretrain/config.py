@@ -238,8 +238,9 @@ def _merge(files: list[str], overrides: list[str]) -> RunConfig:
                 raise ConfigError(f"config file {path} not found: pass an existing YAML file (see configs/)")
             try:
                 loaded = OmegaConf.load(path)
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise ConfigError(f"config file {path} is not valid YAML ({_first_line(e)}): fix it there") from None
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:  # OSError: a scalar or list at the top
+                raise ConfigError(f"config file {path} is not a YAML mapping of sections ({_first_line(e)}): "
+                                  f"fix it there") from None
             if not isinstance(loaded, DictConfig):
                 raise ConfigError(f"config file {path} is not a mapping of sections (model:, train:, ...): fix it")
             merged = OmegaConf.merge(merged, loaded)
