@@ -76,7 +76,7 @@ def init_distributed(device: torch.device, timeout_seconds: float = 1800.0) -> N
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
     import deepspeed.ops
 
@@ -93,7 +93,8 @@ def init_distributed(device: torch.device, timeout_seconds: float = 1800.0) -> N
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine right now."""
     import socket
 
     with socket.socket() as s:

@@ -82,9 +82,6 @@ class Tracker:
         self._put("metrics", (record["step"], int(time.time() * 1000),
                               {k: float(record[k]) for k in METRICS if record.get(k) is not None}))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._put("tags", tags)
-
     def close(self, status: str) -> None:
         """End the run (FINISHED, KILLED or FAILED) and wait up to tracking.flush_seconds for every point to go."""
         self._put("end", status)
@@ -170,7 +167,5 @@ class Tracker:
             metrics = [Metric(key, value, ts, step) for step, ts, values in payload for key, value in values.items()]
             for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
                 client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
-        elif op == "tags":
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload.items()])
         elif op == "end":
             client.set_terminated(self.run_id, status=payload)

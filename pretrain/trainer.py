@@ -74,6 +74,9 @@ def train(cfg: RunConfig) -> None:
     setup_logging(rank, run_dir)
     topology = Topology(layout)
     precision = ds_engine.resolve_precision(cfg.train.precision, device)
+    # Tensors like this run's activations decide the kernel paths.
+    probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    attention_path = kernels.attention_path(probe)
     tag = checkpoint.find_latest(ckpt_dir) if cfg.checkpoint.resume else None  # the checkpoint to resume from
     tracker = None
     if rank == 0:
@@ -82,7 +85,8 @@ def train(cfg: RunConfig) -> None:
         log.info("resolved config:\n%s", to_yaml(cfg).rstrip())
         log.info("logs of every rank: %s", run_dir / "logs")
         if cfg.tracking.mlflow:  # started early: creating the MLflow run overlaps building the model
-            tracker = _start_tracking(cfg, layout, precision, device, ckpt_dir / tag if tag else None)
+            tracker = _start_tracking(cfg, layout, precision, device, attention_path,
+                                      ckpt_dir / tag if tag else None)
 
     # The model: the same full model on every rank (seeded, or imported), then sliced.
     torch.manual_seed(t.seed)
@@ -102,9 +106,8 @@ def train(cfg: RunConfig) -> None:
     if cfg.kernels.compile:
         for block in model.model.layers.values():
             block.compile()  # in place: parameter names, and so checkpoints, stay as they are
-    probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     log.info("kernels: attention %s%s | rmsnorm %s | loss %s | optimizer %s | torch.compile %s",
-             kernels.attention_path(probe), " with document masking" if d.document_mask else "", kernels.rmsnorm_path(probe),
+             attention_path, " with document masking" if d.document_mask else "", kernels.rmsnorm_path(probe),
              f"chunked, {model.loss_chunk} tokens" if model.loss_chunk else
              "vocab-parallel" if layout.tp > 1 else "whole logits", optimizer_path,
              "blocks" if cfg.kernels.compile else "off")
@@ -219,14 +222,13 @@ def train(cfg: RunConfig) -> None:
     dist.destroy_process_group()
 
 
-def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torch.device,
+def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torch.device, attention_path: str,
                     resume_from: Path | None) -> Tracker:
     """The run's MLflow run: the one the checkpoint we resume from names, else a new one."""
     run_id = checkpoint.read_notes(resume_from).get("mlflow_run_id") if resume_from else None
-    probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     tags = {
         "git.commit": git_commit(), "layout": str(layout), "zero_stage": str(cfg.parallel.zero_stage),
-        "world_size": str(dist.get_world_size()), "precision": precision, "kernel.attention": kernels.attention_path(probe),
+        "world_size": str(dist.get_world_size()), "precision": precision, "kernel.attention": attention_path,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
     }

@@ -12,6 +12,7 @@ from pretrain.cli import main
 from pretrain.config import ConfigError, RunConfig, load_config, reference
 from tests.conftest import data_args
 
+
 @pytest.fixture
 def tiny_args(stdlib_shards) -> list[str]:
     return ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards)]

@@ -130,7 +130,7 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_does_not_relaunch(tmp_pa
 
 def test_two_nodes_meet_through_the_rendezvous_endpoint(tmp_path, stdlib_shards):
     """Two `foundry launch local` commands, as on two machines (here both on localhost), form one 2-rank job."""
-    from tests.slurm_cluster import free_port
+    from pretrain.engine import free_port
 
     run_dir = tmp_path / "run"
     args = [*TINY, *data_args(stdlib_shards), "launch.nodes=2", "launch.procs_per_node=1",
@@ -159,7 +159,7 @@ SLURM_CPU = ["launch.slurm.partition=cpu", "launch.slurm.gpus=false", "launch.sl
 
 
 def _submit(args: list[str]) -> str:
-    from tests.slurm_cluster import free_port
+    from pretrain.engine import free_port
 
     out = foundry(["launch", "slurm", *args, f"launch.rdzv_port={free_port()}"])
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,8 +10,21 @@ import pytest
 
 from benchmarks.memory import MODEL, REDUCE_BUCKET, planned
 from parallel.planner import (
-    GIB, HEADROOM, PRECISIONS, PREFERENCE, Layout, ModelShape, PlanError, activation_bytes, estimate,
-    head_activation_bytes, layer_activation_bytes, layouts, plan, preference_key, stage_parameters,
+    GIB,
+    HEADROOM,
+    PRECISIONS,
+    PREFERENCE,
+    Layout,
+    ModelShape,
+    PlanError,
+    activation_bytes,
+    estimate,
+    head_activation_bytes,
+    layer_activation_bytes,
+    layouts,
+    plan,
+    preference_key,
+    stage_parameters,
 )
 from pretrain.cli import main
 from pretrain.config import load_model_config

@@ -14,7 +14,15 @@ import pytest
 import webdataset as wds
 
 from data.prepare import PrepareOptions, prepare
-from data.stream import ShardLoader, block_windows, merge_states, open_dataset, read_shard, skipped_shards, windows_taken
+from data.stream import (
+    ShardLoader,
+    block_windows,
+    merge_states,
+    open_dataset,
+    read_shard,
+    skipped_shards,
+    windows_taken,
+)
 from data.tokenizer import DataError
 
 SEQ = 31

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.engine import free_port
 from tests.conftest import data_args, read_metrics, torchrun
-from tests.slurm_cluster import free_port
 from tests.test_launch import TINY, _Launcher, _logged_steps, _wait_for
 
 TRACKED = [a for a in TINY if a != "tracking.mlflow=false"]
