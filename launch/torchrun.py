@@ -74,6 +74,9 @@ def run_local(launch: LaunchConfig, config_path: Path, run_dir: Path, dry_run: b
         if rc == 0 and status.get("state") == "finished":
             log.info("finished: step %d of %d in %s", status["step"], status["max_steps"], took)
             return 0
+        if status.get("state") == "failed":
+            log.error("the job failed at step %s and is not relaunched: %s", status["step"], status["reason"])
+            return rc or 1
         if status.get("state") == "stopped" or stop_signal:
             log.info("stopped by %s at step %s: the same command resumes it", status.get("signal") or stop_signal,
                      status.get("step", "?"))

@@ -13,6 +13,7 @@ checkpoints are kept; older ones and abandoned partial ones are deleted after ea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as a whole; the message names the missing piece."""
 
 
+class SaveError(RuntimeError):
+    """A save that failed on some rank (disk full, no permission); the previous checkpoint is untouched."""
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
@@ -44,11 +53,15 @@ def tag_for(step: int) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a reader (or a crash) sees the old or the new file whole, never part."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several nodes may write the same file
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no litter
+        raise
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself survives a power cut
@@ -75,23 +88,92 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], i
          keep: int, also: Any = None, notes: dict[str, Any] | None = None) -> None:
     """Collective: every rank calls. `identity` (model config, layout) must match to load it exactly;
     `also(tag_dir)`, if given, writes more files into the checkpoint on every rank before it is sealed;
-    rank 0's `notes` go into the marker, readable before any engine exists (`read_notes`)."""
+    rank 0's `notes` go into the marker, readable before any engine exists (`read_notes`).
+
+    A write that fails on any rank (disk full, no permission) fails the save on every rank with SaveError,
+    after the partial directory is removed: the pointer still names the previous checkpoint."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng_rank{rank:05d}.pt")
+    writes = _Writes(engine)
+    with writes.into_engine():
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+    writes.attempt(rng_file, torch.save, _rng_state(), rng_file)
     if also is not None:
-        also(tag_dir)
-    dist.barrier()  # every rank's files are written
+        writes.attempt(tag_dir, also, tag_dir)  # its collectives come before its writes: a failure cannot split them
+    writes.agree(tag_dir)  # every rank's files are written
     if rank == 0:
         files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
-        write_atomic(tag_dir / MARKER, json.dumps({"step": step, "identity": identity, "notes": notes or {},
-                                                   "files": files}, indent=1))
-        write_atomic(ckpt_dir / POINTER, tag)
+        marker = json.dumps({"step": step, "identity": identity, "notes": notes or {}, "files": files}, indent=1)
+        writes.attempt(tag_dir / MARKER, write_atomic, tag_dir / MARKER, marker)
+        if not writes.errors:
+            writes.attempt(ckpt_dir / POINTER, write_atomic, ckpt_dir / POINTER, tag)
+    writes.agree(tag_dir)
+    if rank == 0:
         _prune(ckpt_dir, keep, newest=tag)
-    dist.barrier()
     log.info("checkpoint %s saved (%d kept)", tag_dir, keep)
+
+
+class _Writes:
+    """A save's file writes on this rank, with the errors they raised kept rather than thrown: DeepSpeed's
+    save runs collectives between its writes, and a rank that raised out of it would leave the others
+    waiting in them until the collective timeout. The ranks compare notes at `agree`."""
+
+    def __init__(self, engine: Any):
+        self.engine, self.errors = engine, []
+
+    def attempt(self, path: Path | str, write: Any, *args: Any, **kwargs: Any) -> None:
+        """`write(*args, **kwargs)`, which writes `path`."""
+        try:
+            write(*args, **kwargs)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            where = Path(path) if Path(path).is_dir() else Path(path).parent
+            free = shutil.disk_usage(where).free if where.exists() else 0
+            self.errors.append(f"writing {path}: {type(e).__name__}: {_first_line(e)} ({free / 2**20:.1f} MiB free "
+                               f"there)")
+
+    @contextlib.contextmanager
+    def into_engine(self):
+        """Route DeepSpeed's writes (its checkpoint engine, and the recovery script it copies) through `attempt`."""
+        engine, writer = self.engine, self.engine.checkpoint_engine
+        attempt = self.attempt
+
+        class Recorded:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(writer, name)
+
+            def save(self, state_dict: Any, path: str) -> None:
+                attempt(path, writer.save, state_dict, path)
+
+            def makedirs(self, path: str, exist_ok: bool = False) -> None:
+                attempt(path, writer.makedirs, path, exist_ok=exist_ok)
+
+        copy_script = engine._copy_recovery_script
+        engine.checkpoint_engine = Recorded()
+        engine._copy_recovery_script = lambda path: attempt(path, copy_script, path)
+        try:
+            yield
+        finally:
+            engine.checkpoint_engine = writer
+            del engine._copy_recovery_script
+
+    def agree(self, tag_dir: Path) -> None:
+        """Collective: raise SaveError on every rank if a write failed on any, after removing `tag_dir`."""
+        failed = torch.tensor(float(bool(self.errors)))
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed:
+            return
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, self.errors[0] if self.errors else None)
+        if dist.get_rank() == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # frees what it took: the disk may be the one that is full
+        rank, first = next((r, m) for r, m in enumerate(messages) if m)
+        previous = find_latest(tag_dir.parent)
+        raise SaveError(f"checkpoint {tag_dir.name} was not saved: rank {rank}: {first}; "
+                        f"{'the previous checkpoint ' + previous if previous else 'no earlier checkpoint'} is still "
+                        f"the one a resume loads; free space or fix permissions in {tag_dir.parent}, or set "
+                        f"checkpoint.continue_on_save_error=true to train on without saving")
 
 
 def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:

@@ -13,8 +13,9 @@ import os
 import sys
 
 from data.tokenizer import DataError
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, SaveError
 from pretrain.config import ConfigError, RunConfig, load_config, load_model_config, reference, to_yaml
+from pretrain.guard import TooManyBadSteps
 
 
 def _load(config: list[str]) -> RunConfig:
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as e:
         print(f"foundry: launch error: {e}", file=sys.stderr)
         return 2
+    except (SaveError, TooManyBadSteps) as e:
+        print(f"foundry: run stopped: {e}", file=sys.stderr)
+        return 1
     return code or 0
 
 

@@ -141,6 +141,13 @@ class TrainConfig:
         "stacks and exits, so the job ends (0: off; the clock starts after the first step)"
     )
     collective_timeout_seconds: float = _help(1800.0, "a collective that waits this long on its peers fails")
+    spike_factor: float = _help(
+        4.0, "skip a step (no update) when a micro-batch loss exceeds this many times the mean loss of the last "
+        "spike_window applied steps; 0: off. Steps with a loss or gradient norm that is not finite are always skipped"
+    )
+    spike_window: int = _help(50, "applied steps whose mean loss the spike check compares with; it starts once "
+                                  "this many have run")
+    max_skipped_in_row: int = _help(5, "after this many skipped steps in a row the run saves and stops with an error")
 
 
 @dataclass
@@ -157,6 +164,10 @@ class CheckpointConfig:
     save_consolidated: bool = _help(
         False, "at the end, also gather the whole model into run_dir/model.pt, a plain fp32 state dict of "
         "pretrain.model.Llama (rank 0 holds it all in memory: small models only)"
+    )
+    continue_on_save_error: bool = _help(
+        False, "when a save fails (disk full, no permission), log it and train on instead of stopping; the previous "
+        "checkpoint stays the one a resume loads"
     )
 
 
@@ -311,7 +322,11 @@ def validate(cfg: RunConfig) -> None:
     _require_positive({
         "data.seq_len": d.seq_len, "data.streams": d.streams, "train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size, "train.lr": t.lr, "tracking.log_interval": cfg.tracking.log_interval,
+        "train.spike_window": t.spike_window, "train.max_skipped_in_row": t.max_skipped_in_row,
     })
+    if t.spike_factor and t.spike_factor <= 1:
+        raise ConfigError(f"train.spike_factor={t.spike_factor} would skip ordinary steps: use a factor > 1 "
+                          f"(e.g. 4), or 0 to turn the spike check off")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}: lower seq_len or raise max_seq_len")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip < 0 or cfg.checkpoint.interval < 0:

@@ -36,9 +36,10 @@ class StepLogger:
         if path is not None and path.is_file():
             _drop_records_after(path, start_step)
 
-    def step(self, step: int, loss: torch.Tensor, engine: Any, last: bool = False) -> dict[str, Any] | None:
+    def step(self, step: int, loss: torch.Tensor, engine: Any, skipped: int = 0,
+             last: bool = False) -> dict[str, Any] | None:
         """Count a finished step; report it if it is the first, every interval-th, or the last (of the run, or
-        before a stop). Returns the record it reported."""
+        before a stop); `skipped` counts the run's skipped steps so far. Returns the record it reported."""
         self.window_steps += 1
         if not (step % self.interval == 0 or self.first is None or step == self.max_steps or last):
             return None
@@ -50,12 +51,14 @@ class StepLogger:
             "step": step, "loss": loss.item(), "lr": engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None else float("nan"), "tokens_per_s": tok_s, "mfu": util,
             "peak_mem_gib": peak_memory_gib(self.device), "tokens": step * self.tokens_per_step,
+            "skipped_steps": skipped,
         }
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | mem %.2f GiB | ETA %s",
+            "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | mem %.2f GiB | ETA %s%s",
             step, self.max_steps, record["loss"], record["lr"], record["grad_norm"], _si(tok_s),
             "n/a" if util is None else f"{util:.1%}", record["peak_mem_gib"],
             duration((self.max_steps - step) * elapsed / self.window_steps),
+            f" | skipped {skipped}" if skipped else "",
         )
         if self.path is not None:
             with self.path.open("a") as f:

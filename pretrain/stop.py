@@ -8,9 +8,10 @@ step. Repeats are ignored: SLURM signals every process of a step and torchrun pa
 signal on, so a worker often gets it twice. A stuck step is torchrun's to kill, after
 `launch.grace_seconds`.
 
-Rank 0 keeps `status.json` (state running / finished / stopped, the step, the signal) so that
-the launchers can tell a finished run from a stopped one (requeue it) and from a crash (the
-file still says running: relaunch it).
+Rank 0 keeps `status.json` (state running / finished / stopped / failed, the step, the signal or
+the reason) so that the launchers can tell a finished run from a stopped one (requeue it), from one
+that failed for a reason a relaunch would meet again (too many bad steps, a save that failed: do
+not relaunch) and from a crash (the file still says running: relaunch it).
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class StopRequest:
         return signal.Signals(int(flag.item())).name if flag.item() else None
 
 
-def write_status(run_dir: Path, state: str, step: int, max_steps: int, signal_name: str | None = None) -> None:
+def write_status(run_dir: Path, state: str, step: int, max_steps: int, signal_name: str | None = None,
+                 reason: str | None = None) -> None:
     """Atomically replace run_dir/status.json (rank 0 only)."""
-    record = {"state": state, "step": step, "max_steps": max_steps, "signal": signal_name, "time": time.time()}
+    record = {"state": state, "step": step, "max_steps": max_steps, "signal": signal_name, "reason": reason,
+              "time": time.time()}
     write_atomic(run_dir / STATUS, json.dumps(record) + "\n")
 
 

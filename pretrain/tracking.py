@@ -30,7 +30,7 @@ from pretrain.config import TrackingConfig
 log = logging.getLogger("foundry")
 
 # Metric names in MLflow for the keys of a metrics.jsonl record (pretrain/metrics.py).
-METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "tokens")
+METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "tokens", "skipped_steps")
 
 
 def default_uri(run_dir: Path) -> str:

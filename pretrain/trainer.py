@@ -30,6 +30,7 @@ from pretrain import engine as ds_engine
 from pretrain.config import RunConfig, to_yaml
 from pretrain.convert import load_hf
 from pretrain.flops import device_peak_flops, flops_per_token
+from pretrain.guard import StepGuard, TooManyBadSteps, attach
 from pretrain.metrics import StepLogger, duration
 from pretrain.model import Llama, num_parameters
 from pretrain.preflight import preflight
@@ -113,6 +114,7 @@ def train(cfg: RunConfig) -> None:
              "blocks" if cfg.kernels.compile else "off")
     ds_config = ds_engine.deepspeed_config(t, cfg.parallel, grad_accum, precision, optimizer_params)
     engine = ds_engine.initialize(module, ds_config, mpu=None if pipelined else topology)
+    attach(engine)
 
     flops_token = flops_per_token(cfg.model, seq_len)
     peak = device_peak_flops(device)
@@ -130,7 +132,7 @@ def train(cfg: RunConfig) -> None:
     # Resume: what a checkpoint must match to be loaded by this run (resharding is not supported yet).
     identity = json.loads(json.dumps({"model": dataclasses.asdict(cfg.model), "layout": dataclasses.asdict(layout),
                                       "zero_stage": cfg.parallel.zero_stage}))  # as it reads back from JSON
-    start_step, data_state = 0, None
+    start_step, data_state, guard_state = 0, None, None
     universal = cfg.parallel.zero_stage in (1, 2)  # a layout-free copy, for resuming under other layouts
 
     def reshard(tag_dir: Path) -> None:
@@ -139,7 +141,7 @@ def train(cfg: RunConfig) -> None:
 
     if tag is not None:
         client_state = checkpoint.load(engine, ckpt_dir, tag, identity, reshard if universal else None)
-        start_step, data_state = client_state["step"], client_state["data"]
+        start_step, data_state, guard_state = client_state["step"], client_state["data"], client_state.get("guard")
         log.info("resumed from %s at step %d (%.1fM tokens seen)", ckpt_dir / tag, start_step,
                  client_state["tokens"] / 1e6)
 
@@ -154,6 +156,9 @@ def train(cfg: RunConfig) -> None:
              ", ".join(f"{ds.name} x {ds.weight:g}" for ds in datasets),
              sum(ds.manifest["total_tokens"] for ds in datasets) / 1e6, d.streams, d.streams // layout.dp, d.workers)
     batches = ((b[:, :-1].to(device), b[:, 1:].to(device)) for b in loader)
+    guard = StepGuard(t.spike_factor, t.spike_window, t.max_skipped_in_row, guard_state)
+    if pipelined:
+        engine.module.loss_fn = guard.wrap(engine.module.loss_fn)  # the last stage's loss, per micro-batch
 
     tokens_per_step = t.global_batch_size * seq_len
     metrics = StepLogger(run_dir / "metrics.jsonl" if rank == 0 else None, start_step=start_step, max_steps=t.max_steps,
@@ -166,15 +171,24 @@ def train(cfg: RunConfig) -> None:
     if rank == 0:
         write_status(run_dir, "running", start_step, t.max_steps)
     def save(step: int) -> None:
+        """Every rank calls. A failed save raises SaveError on every rank unless the config says to train on."""
         states: list[dict | None] = [None] * layout.dp
         dist.all_gather_object(states, loader.state_dict(), group=topology.get_data_parallel_group())
         client_state = {"step": step, "tokens": step * tokens_per_step, "data": merge_states(states),
-                        "config": to_yaml(cfg)}
+                        "guard": guard.state_dict(), "config": to_yaml(cfg)}
         checkpoint.save(engine, ckpt_dir, step, client_state, identity, cfg.checkpoint.keep, also=(
             lambda tag_dir: checkpoint.save_universal(engine, tag_dir, plain_names, topology.tp_rank,
                                                       topology.pp_rank, topology.dp_rank,
                                                       engine.lr_scheduler.state_dict())) if universal else None,
                         notes={"mlflow_run_id": tracker.run_id} if tracker else None)
+
+    def save_or_go_on(step: int) -> None:
+        try:
+            save(step)
+        except checkpoint.SaveError as e:
+            if not cfg.checkpoint.continue_on_save_error:
+                raise
+            log.error("%s; training on (checkpoint.continue_on_save_error=true)", str(e).split("; free space")[0])
 
     run_start, step, stopped_by = time.perf_counter(), start_step, None
     try:
@@ -182,19 +196,32 @@ def train(cfg: RunConfig) -> None:
             if pipelined:
                 loss = engine.train_batch(data_iter=batches)  # 1F1B over grad_accum micro-batches; dp mean
             else:
-                loss = _train_step(engine, batches, loss_fn, grad_accum, topology)
+                loss = _train_step(engine, batches, loss_fn, grad_accum, topology, guard)
+            try:
+                guard.record(step, loss.item(), engine.was_step_applied(),
+                             f"global batch {step} of the data order (train.seed={t.seed}), tokens "
+                             f"{(step - 1) * tokens_per_step}-{step * tokens_per_step - 1} of the run")
+            except TooManyBadSteps:
+                save_or_go_on(step)  # the weights of the last good step, and the data after the bad batches
+                raise
             stopped_by = stop.agreed(device)
             if watchdog:
                 watchdog.beat(step)
-            record = metrics.step(step, loss, engine, last=bool(stopped_by))
+            record = metrics.step(step, loss, engine, skipped=guard.skipped, last=bool(stopped_by))
             if tracker and record:
                 tracker.log(record)
             if step == t.max_steps or stopped_by or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-                save(step)
+                save_or_go_on(step)
             if stopped_by:
                 log.info("stopped by %s after step %d of %d; the run resumes from %s", stopped_by, step,
                          t.max_steps, ckpt_dir / checkpoint.tag_for(step))
                 break
+    except (TooManyBadSteps, checkpoint.SaveError) as e:  # a relaunch would meet them again
+        if rank == 0:
+            write_status(run_dir, "failed", step, t.max_steps, reason=str(e))
+        if tracker:
+            tracker.close("FAILED")
+        raise
     except BaseException:
         if tracker:
             tracker.close("FAILED")
@@ -236,14 +263,14 @@ def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torc
                    tags=tags, config_yaml=to_yaml(cfg))
 
 
-def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology) -> torch.Tensor:
-    """loss_fn None: the model computes the loss from (inputs, targets) itself (chunked output layer)."""
-    """One optimizer step; returns the mean loss over the global batch."""
+def _train_step(engine, batches, loss_fn, grad_accum: int, topology: Topology, guard: StepGuard) -> torch.Tensor:
+    """One optimizer step (skipped by DeepSpeed when `guard` poisons a micro-batch); returns the mean loss over
+    the global batch. loss_fn None: the model computes the loss from (inputs, targets) itself (chunked output)."""
     loss_sum = torch.zeros((), device=engine.device)
     for _ in range(grad_accum):
         inputs, targets = next(batches)
         loss = engine(inputs, targets) if loss_fn is None else loss_fn(engine(inputs), targets)
-        engine.backward(loss)
+        engine.backward(guard.check(loss))
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         loss_sum += loss.detach()
     dist.all_reduce(loss_sum, group=topology.get_data_parallel_group())

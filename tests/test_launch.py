@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from data.stream import windows_taken
 from launch.slurm import render_script
 from pretrain.config import load_config
 from pretrain.stop import read_status
@@ -29,6 +31,10 @@ TINY = [
 
 def _steps_in(log: str) -> list[int]:
     return [int(n) for n in re.findall(r"\] step (\d+)/\d+ \|", log)]
+
+
+def _losses_in(log: str) -> dict[int, str]:
+    return {int(n): loss for n, loss in re.findall(r"\] step (\d+)/\d+ \| loss (\S+) ", log)}
 
 
 def _wait_for(condition, timeout: float, what: str, poll: float = 0.2):
@@ -107,6 +113,13 @@ def test_a_killed_worker_ends_the_job_and_the_relaunch_resumes_from_the_checkpoi
     second_attempt = out[out.index("attempt 2 of 3"):]
     assert _steps_in(second_attempt) == list(range(resumed + 1, 61))
     assert read_status(run_dir)["state"] == "finished"
+    # No batch repeated or skipped: the steps the first attempt ran past its checkpoint, replayed by the relaunch,
+    # see the same batches (the same losses), and the data position at the end counts every sequence once.
+    first_attempt = out[:out.index("attempt 2 of 3")]
+    lost = {s: loss for s, loss in _losses_in(first_attempt).items() if s > resumed}
+    assert len(lost) >= 3 and lost == {s: loss for s, loss in _losses_in(second_attempt).items() if s in lost}
+    final = torch.load(run_dir / "checkpoints" / "step00000060" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert sum(windows_taken(final["data"]).values()) == 60 * 16  # steps x global batch
 
 
 def test_sigterm_to_the_launcher_saves_a_checkpoint_and_does_not_relaunch(tmp_path, stdlib_shards):

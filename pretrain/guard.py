@@ -1,0 +1,93 @@
+"""Bad steps: a step whose loss is not finite, or spikes, is skipped (no update), and too many in a row
+stop the run.
+
+No hook into DeepSpeed and no extra synchronisation is needed. Every DeepSpeed optimizer (ZeRO 1-3,
+bf16) already skips a step whose gradient norm is not finite: no update, no LR-schedule step, the
+gradients cleared, and `engine.was_step_applied()` False, the same on every rank because it
+all-reduces the verdict. So the guard only has to turn a bad micro-batch loss into NaN before
+backward (`check`): its NaN gradients reach every rank through the gradient all-reduce, the
+tensor-parallel collectives and the pipeline's sends. ZeRO-0 in fp32 steps the plain torch optimizer,
+which has no such check, and `attach` gives it one. After each step, `record` counts what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("foundry")
+
+
+class TooManyBadSteps(RuntimeError):
+    """The run skipped `max_skipped_in_row` steps in a row; it saved and stopped."""
+
+
+class StepGuard:
+    def __init__(self, spike_factor: float, window: int, max_in_row: int, state: dict[str, Any] | None = None):
+        self.spike_factor, self.max_in_row = spike_factor, max_in_row
+        state = state or {}
+        self.recent: deque[float] = deque(state.get("recent", []), maxlen=window)  # losses of applied steps
+        self.skipped = state.get("skipped", 0)  # over the whole run
+        self.in_row = state.get("in_row", 0)
+
+    def limit(self) -> float:
+        """The largest micro-batch loss that may be applied now."""
+        if not self.spike_factor or len(self.recent) < self.recent.maxlen:
+            return float("inf")
+        return self.spike_factor * sum(self.recent) / len(self.recent)
+
+    def check(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss`, or NaN with NaN gradients when it must not be applied. Stays on the device: no sync."""
+        bad = ~torch.isfinite(loss) | (loss > self.limit())
+        return loss * torch.where(bad, float("nan"), 1.0)
+
+    def wrap(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda *args: self.check(loss_fn(*args))
+
+    def record(self, step: int, loss: float, applied: bool, data_position: str) -> None:
+        """Count step `step` (mean loss `loss`); raises TooManyBadSteps once too many in a row were skipped."""
+        if applied:
+            self.recent.append(loss)
+            self.in_row = 0
+            return
+        self.skipped += 1
+        self.in_row += 1
+        limit = self.limit()
+        # Every rank knows; one says it on the console.
+        log.log(logging.WARNING if dist.get_rank() == 0 else logging.INFO,
+                "skipped step %d (no update): mean loss %.4g; a micro-batch loss or the gradient norm was not finite%s "
+                "| %d in a row, %d in this run | batch: %s", step, loss,
+                f", or a loss was above the spike limit {limit:.4g}" if limit < float("inf") else "",
+                self.in_row, self.skipped, data_position)
+        if self.in_row >= self.max_in_row:
+            raise TooManyBadSteps(
+                f"{self.in_row} steps in a row were skipped (the last, step {step}, had loss {loss:.4g}): the model "
+                f"or the data is broken; inspect the batches logged above, then resume from the checkpoint just "
+                f"saved (perhaps with a lower train.lr), or raise train.max_skipped_in_row"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "skipped": self.skipped, "in_row": self.in_row}
+
+
+def attach(engine: Any) -> None:
+    """Give a plain torch optimizer (ZeRO-0, fp32) the non-finite-gradient skip DeepSpeed's own ones have.
+    DeepSpeed reads `optimizer.overflow` after the step: set, it counts the step as skipped and leaves the
+    LR schedule where it was."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "overflow"):
+        return
+    step = optimizer.step
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([g.isfinite().all() for g in grads]).all().float() if grads else torch.ones(())
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # tensor-parallel shards: one verdict for all
+        optimizer.overflow = not bool(finite)
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.step = guarded_step
