@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from multiprocessing import Pool
@@ -32,6 +33,7 @@ from data.tokenizer import DataError
 log = logging.getLogger("foundry")
 
 MANIFEST = "manifest.json"
+HOLDOUT = "holdout"  # the validation set's subdirectory
 FORMAT = "foundry-shards/1"
 
 
@@ -47,6 +49,7 @@ class PrepareOptions:
     shard_tokens: int = 50_000_000
     workers: int = os.cpu_count() or 1
     on_error: str = "stop"  # or "skip": bad files are logged, counted and left out
+    holdout: float = 0.0  # fraction of files written to out/holdout instead: a validation set
 
 
 def find_inputs(inputs: list[str], pattern: str, exclude: tuple[str, ...]) -> list[Path]:
@@ -179,6 +182,12 @@ def prepare(inputs: list[str], opts: PrepareOptions) -> dict:
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     writer = ShardWriter(opts.out, dtype, opts.sample_tokens, opts.shard_tokens)
+    held_out = None
+    if opts.holdout:
+        (opts.out / HOLDOUT).mkdir(exist_ok=True)
+        (opts.out / HOLDOUT / MANIFEST).unlink(missing_ok=True)
+        tok.save(str(opts.out / HOLDOUT / "tokenizer.json"))
+        held_out = ShardWriter(opts.out / HOLDOUT, dtype, opts.sample_tokens, opts.shard_tokens)
     skipped: list[str] = []
     jobs = [(f, opts.text_field) for f in files]
     with Pool(opts.workers, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
@@ -191,23 +200,35 @@ def prepare(inputs: list[str], opts: PrepareOptions) -> dict:
                 if len(skipped) <= 5:
                     log.warning("skipped: %s%s", result, " (further skips are counted, not shown)" if len(skipped) == 5 else "")
                 continue
-            writer.add(result)
-    shards = writer.close()
+            (held_out if held_out and is_held_out(path, opts.holdout) else writer).add(result)
+    if held_out:
+        _write_manifest(opts.out / HOLDOUT, tok, dtype, opts.sample_tokens, held_out.close(), [])
+    return _write_manifest(opts.out, tok, dtype, opts.sample_tokens, writer.close(), skipped)
+
+
+def is_held_out(path: Path, fraction: float) -> bool:
+    """Whether a file belongs to the validation set: by a hash of its path, so the split never changes."""
+    return zlib.crc32(str(path).encode()) / 2**32 < fraction
+
+
+def _write_manifest(out: Path, tok, dtype: np.dtype, sample_tokens: int, shards: list[dict],
+                    skipped: list[str]) -> dict:
+    """Last and atomically: a directory without a manifest is an unfinished preparation."""
     manifest = {
         "format": FORMAT,
-        "tokenizer": {"fingerprint": tk.fingerprint(tok), "vocab_size": vocab_size, "eos_id": tk.eos_id(tok),
-                      "file": "tokenizer.json"},
+        "tokenizer": {"fingerprint": tk.fingerprint(tok), "vocab_size": tok.get_vocab_size(),
+                      "eos_id": tk.eos_id(tok), "file": "tokenizer.json"},
         "dtype": dtype.name,
-        "sample_tokens": opts.sample_tokens,
+        "sample_tokens": sample_tokens,
         "total_tokens": sum(s["tokens"] for s in shards),
         "documents_skipped": skipped,
         "shards": shards,
     }
-    tmp = opts.out / (MANIFEST + ".tmp")
+    tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, opts.out / MANIFEST)
+    os.replace(tmp, out / MANIFEST)
     log.info("wrote %d shards, %d tokens (%s) to %s; %d files skipped", len(shards), manifest["total_tokens"],
-             dtype.name, opts.out, len(skipped))
+             dtype.name, out, len(skipped))
     return manifest
 
 

@@ -104,7 +104,9 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], i
         writes.attempt(tag_dir, also, tag_dir)  # its collectives come before its writes: a failure cannot split them
     writes.agree(tag_dir)  # every rank's files are written
     if rank == 0:
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+        # Not the marker itself: a run that started over may be saving into an old run's directory of this step.
+        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+                 if p.is_file() and p.name != MARKER}
         marker = json.dumps({"step": step, "identity": identity, "notes": notes or {}, "files": files}, indent=1)
         writes.attempt(tag_dir / MARKER, write_atomic, tag_dir / MARKER, marker)
         if not writes.errors:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -31,6 +32,57 @@ def _train(args: argparse.Namespace) -> None:
     from pretrain.trainer import train  # heavy imports (DeepSpeed) only once the config is sound
 
     train(cfg)
+
+
+def _checkpoint_dir(path: str) -> "Path":  # noqa: F821
+    """A checkpoint directory given on the command line, or a run directory (its newest complete checkpoint)."""
+    from pathlib import Path
+
+    from pretrain.checkpoint import find_latest
+
+    given = Path(path)
+    if (given / "checkpoints").is_dir():
+        tag = find_latest(given / "checkpoints")
+        if tag is None:
+            raise CheckpointError(f"{given} has no complete checkpoint yet: name a checkpoint directory instead")
+        return given / "checkpoints" / tag
+    if not given.is_dir():
+        raise CheckpointError(f"{given} is neither a checkpoint nor a run directory: e.g. runs/quickstart or "
+                              f"runs/quickstart/checkpoints/step00000300")
+    return given
+
+
+def _eval(args: argparse.Namespace) -> None:
+    tag_dir = _checkpoint_dir(args.checkpoint)
+    run_config = tag_dir.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ConfigError(f"{run_config} is missing: `foundry eval` reads the run's resolved config from there")
+    # The run's own config, with its checkpoints left alone and the layout (and eval keys) from the command line.
+    cfg = load_config([str(run_config)], ["checkpoint.resume=false", "tracking.mlflow=false", *args.overrides])
+    if not cfg.eval.datasets:
+        raise ConfigError("the run has no validation sets: add eval.datasets='[DIR]' to the command line")
+    from pretrain.trainer import evaluate_checkpoint
+
+    results = evaluate_checkpoint(cfg, tag_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"checkpoint": str(tag_dir), "sets": results}))  # for scripts; the log line is for people
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from data.tokenizer import eos_id
+    from pretrain.generate import generate, load_for_generation
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_for_generation(_checkpoint_dir(args.checkpoint), device)
+    eos = eos_id(tokenizer)
+    for prompt in args.prompt:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_p, stop=eos, seed=args.seed)
+        print(f"--- {prompt!r} ->\n{prompt}{tokenizer.decode(new)}")
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -83,12 +135,14 @@ def _prepare_data(args: argparse.Namespace) -> None:
     from data.prepare import PrepareOptions, prepare
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if args.workers < 1 or args.sample_tokens < 1 or args.shard_tokens < 1 or args.vocab_size < 257:
-        raise ConfigError("--workers, --sample-tokens and --shard-tokens must be >= 1 and --vocab-size >= 257")
+    if args.workers < 1 or args.sample_tokens < 1 or args.shard_tokens < 1 or args.vocab_size < 257 \
+            or not 0 <= args.holdout < 1:
+        raise ConfigError("--workers, --sample-tokens and --shard-tokens must be >= 1, --vocab-size >= 257 and "
+                          "--holdout in [0, 1)")
     prepare(args.inputs, PrepareOptions(
         out=Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size, pattern=args.pattern,
         exclude=tuple(args.exclude), text_field=args.text_field, sample_tokens=args.sample_tokens,
-        shard_tokens=args.shard_tokens, workers=args.workers, on_error=args.on_error,
+        shard_tokens=args.shard_tokens, workers=args.workers, on_error=args.on_error, holdout=args.holdout,
     ))
 
 
@@ -135,6 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value")
     train.set_defaults(run=_train)
+    evaluate = commands.add_parser(
+        "eval",
+        help="validation loss and perplexity of a checkpoint, under any layout (run it with torchrun)",
+        description="Score a checkpoint (or a run directory's newest) on the run's validation sets, e.g. "
+        "`torchrun --nproc-per-node 2 -m pretrain.cli eval runs/quickstart parallel.tensor=2`. Overrides may set "
+        "the layout and the eval keys; the rest is the run's config.",
+    )
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT | RUN_DIR")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.set_defaults(run=_eval)
+    gen = commands.add_parser(
+        "generate",
+        help="text from a checkpoint: greedy or sampled, with a KV cache",
+        description="Continue each --prompt with the checkpoint's model and tokenizer (one process, CPU or GPU). "
+        "Needs a checkpoint written under ZeRO 1 or 2 (the default), which keeps a layout-free copy.",
+    )
+    gen.add_argument("checkpoint", metavar="CHECKPOINT | RUN_DIR")
+    gen.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sample")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this "
+                                                                "much probability (default 1: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU")
+    gen.set_defaults(run=_generate)
     launch = commands.add_parser(
         "launch",
         help="run training on this node with torchrun, or as a SLURM batch job; show a run's status",
@@ -165,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
     prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                       help="an unreadable, empty or non-UTF-8 file: stop, or skip it (counted, logged)")
+    prep.add_argument("--holdout", type=float, default=0.0,
+                      help="fraction of the input files (chosen by a hash of their path) written instead to "
+                           "OUT/holdout, a validation set with the same tokenizer (default 0: none)")
     prep.set_defaults(run=_prepare_data)
     convert = commands.add_parser(
         "convert",

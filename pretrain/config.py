@@ -120,6 +120,18 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out validation (see pretrain/evaluate.py): the same tokens scored whatever the layout."""
+
+    datasets: list[str] = _help(
+        [], "validation sets, each a directory prepared like the training data (`foundry prepare-data --holdout` "
+        "writes one to OUT/holdout) with the same tokenizer; reported under the directory's name"
+    )
+    interval: int = _help(0, "evaluate every this many steps and at the end (0: only at the end)")
+    tokens: int = _help(16384, "tokens scored per set: its first ones, in windows of data.seq_len; a multiple of it")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation. Batch sizes are in sequences; the layout never changes the maths."""
 
@@ -221,6 +233,7 @@ class RunConfig:
     parallel: ParallelConfig = _help(ParallelConfig(), "the process layout")
     kernels: KernelConfig = _help(KernelConfig(), "kernel paths")
     data: DataConfig = _help(DataConfig(), "the training data")
+    eval: EvalConfig = _help(EvalConfig(), "held-out validation")
     train: TrainConfig = _help(TrainConfig(), "optimisation")
     checkpoint: CheckpointConfig = _help(CheckpointConfig(), "checkpoints")
     tracking: TrackingConfig = _help(TrackingConfig(), "logging")
@@ -377,6 +390,15 @@ def validate(cfg: RunConfig) -> None:
     if la.max_restarts < 0 or la.max_restarts and not cfg.checkpoint.resume:
         raise ConfigError(f"launch.max_restarts={la.max_restarts} needs to be >= 0, and relaunching needs "
                           f"checkpoint.resume=true (or a relaunch starts over)")
+    e = cfg.eval
+    if e.interval < 0 or e.tokens <= 0 or e.tokens % d.seq_len:
+        raise ConfigError(f"eval.interval={e.interval} must be >= 0 and eval.tokens={e.tokens} a positive multiple "
+                          f"of data.seq_len={d.seq_len}: e.g. eval.tokens={max(e.tokens // d.seq_len, 1) * d.seq_len}")
+    for i, path in enumerate(e.datasets):
+        manifest = Path(path) / "manifest.json" if Path(path).is_dir() else Path(path)
+        if not manifest.is_file():
+            raise ConfigError(f"eval.datasets[{i}]={path} has no manifest.json: prepare it with `foundry prepare-data "
+                              f"INPUT... --holdout 0.01 --out DIR` (then DIR/holdout) or point at a prepared set")
     if not d.datasets:
         raise ConfigError("data.datasets is empty: name at least one prepared dataset, e.g. "
                           "data.datasets='[{path: runs/data/stdlib}]' (see `foundry prepare-data --help`)")

@@ -42,6 +42,8 @@ class StepGuard:
 
     def check(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss`, or NaN with NaN gradients when it must not be applied. Stays on the device: no sync."""
+        if not loss.requires_grad:  # evaluation: nothing to apply
+            return loss
         bad = ~torch.isfinite(loss) | (loss > self.limit())
         return loss * torch.where(bad, float("nan"), 1.0)
 

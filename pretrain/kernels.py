@@ -93,7 +93,8 @@ class Documents:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
     """Causal attention. q (B, S, H, Dh), k and v (B, S, K, Dh) with K dividing H -> (B, S, H, Dh).
-    With `documents`, a token sees only the earlier tokens of its own document."""
+    With `documents`, a token sees only the earlier tokens of its own document. Generating with a KV
+    cache, q may be the one newest token (B, 1, H, Dh) of the sequence whose keys k and v hold."""
     path = attention_path(q)
     _once("attention", path + (" with document masking" if documents is not None else ""), "" if path == "flash-attn" else (
         " (chosen)" if _choice.attention == "sdpa" else
@@ -108,7 +109,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Docu
     # With documents SDPA takes the mask, and runs its masked (not flash) backend.
     mask = documents.mask() if documents is not None else None
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=mask is None and q.shape[1] > 1,  # SDPA aligns its causal mask top-left: wrong for one new token
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, S, Dh)
     return out.transpose(1, 2)

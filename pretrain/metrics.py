@@ -34,7 +34,7 @@ class StepLogger:
         self.first: dict[str, Any] | None = None
         self.last: dict[str, Any] | None = None
         if path is not None and path.is_file():
-            _drop_records_after(path, start_step)
+            drop_records_after(path, start_step)
 
     def step(self, step: int, loss: torch.Tensor, engine: Any, skipped: int = 0,
              last: bool = False) -> dict[str, Any] | None:
@@ -69,9 +69,11 @@ class StepLogger:
         return record
 
 
-def _drop_records_after(path: Path, step: int) -> None:
+def drop_records_after(path: Path, step: int) -> None:
     """A resumed run repeats the steps after its checkpoint: their first records describe a future that was
     lost, so they go, and every step keeps exactly one record."""
+    if not path.is_file():
+        return
     lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     write_atomic(path, "".join(line + "\n" for line in lines))
 

@@ -65,6 +65,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class KVCache:
+    """Each attention layer's keys and values of the tokens seen so far, for generating one token at a time:
+    a forward pass with a cache runs only the new tokens (all of the prompt first, then one per step)."""
+
+    def __init__(self) -> None:
+        self.length = 0  # tokens cached so far: the position of the next one
+        self._kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def extend(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s keys and values (B, S, K, Dh), cached ones first, with k and v appended."""
+        if layer in self._kv:
+            k, v = (torch.cat([old, new], dim=1) for old, new in zip(self._kv[layer], (k, v)))
+        self._kv[layer] = (k, v)
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -76,7 +92,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: Documents | None = None) -> torch.Tensor:
+                documents: Documents | None = None, cache: KVCache | None = None) -> torch.Tensor:
         # Shapes come from the projections' outputs, not from x, so a tensor-parallel shard of this
         # module (fewer heads; under sequence parallelism, x a slice of the sequence) runs unchanged.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -84,6 +100,8 @@ class Attention(nn.Module):
         k = k.view(*k.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
         v = v.view(*v.shape[:2], -1, self.head_dim)  # (B, S, K, Dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(self, k, v)
         out = attention(q, k, v, documents)  # (B, S, H, Dh), causal (within each document)
         return self.o_proj(out.flatten(2))
 
@@ -113,14 +131,14 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: Documents | None = None) -> torch.Tensor:
+                documents: Documents | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, documents, use_reentrant=False)
-        return self._forward(x, cos, sin, documents)
+        return self._forward(x, cos, sin, documents, cache)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 documents: Documents | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
+                 documents: Documents | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -136,7 +154,8 @@ class LlamaBody(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens (B, S) -> logits (B, S, V); with targets (B, S), the mean next-token loss instead."""
+    """tokens (B, S) -> logits (B, S, V); with targets (B, S), the mean next-token loss instead. With a
+    KVCache, `tokens` continue the cached sequence (see pretrain/generate.py)."""
 
     # Tokens per chunk of the output layer + loss when targets are given (0: all at once; see kernels).
     loss_chunk: int = 0
@@ -171,18 +190,22 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         S = tokens.shape[1]
+        start = cache.length if cache is not None else 0
         documents = None
         if self.document_end is None:
-            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+            cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         else:
             ids, positions = document_positions(tokens, self.document_end)
             documents = Documents(ids)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, S, Dh)
         x = self.model.embed_tokens(tokens)  # (B, S, D)
         for layer in self.model.layers.values():
-            x = layer(x, cos, sin, documents)
+            x = layer(x, cos, sin, documents, cache)
+        if cache is not None:
+            cache.length += S
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)  # (B, S, V)

@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 
 from data.stream import Dataset, check_compatible, check_readers, open_dataset
+from data.tokenizer import DataError
 from parallel.topology import Layout
 from pretrain import kernels
 from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
 from pretrain.convert import from_hf_config
+from pretrain.evaluate import check_size
 
 
 def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, int]:
@@ -23,6 +25,12 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
     kernels.check(cfg.kernels)
     datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
     check_compatible(datasets, cfg.data.streams)
+    fingerprint = datasets[0].manifest["tokenizer"]["fingerprint"]
+    for ds in validation_sets(cfg):
+        if ds.manifest["tokenizer"]["fingerprint"] != fingerprint:
+            raise DataError(f"validation set {ds.name} was tokenized with another tokenizer than {datasets[0].name}: "
+                            f"prepare it with --tokenizer {Path(datasets[0].name) / 'tokenizer.json'}")
+        check_size(ds, cfg.data.seq_len, cfg.eval.tokens)
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
     if cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the tokenizer's {vocab} of "
@@ -33,6 +41,10 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
     grad_accum = check_world_size(cfg.train, layout.dp)
     check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
     return datasets, layout, grad_accum
+
+
+def validation_sets(cfg: RunConfig) -> list[Dataset]:
+    return [open_dataset(path) for path in cfg.eval.datasets]
 
 
 def check_same_architecture(model: ModelConfig, hf_dir: str) -> None:

@@ -79,8 +79,11 @@ class Tracker:
 
     def log(self, record: dict[str, Any]) -> None:
         """Queue one metrics.jsonl record (its step and values) with the time it was taken."""
-        self._put("metrics", (record["step"], int(time.time() * 1000),
-                              {k: float(record[k]) for k in METRICS if record.get(k) is not None}))
+        self.log_values(record["step"], {k: record[k] for k in METRICS if record.get(k) is not None})
+
+    def log_values(self, step: int, values: dict[str, float]) -> None:
+        """Queue metrics of `step` by name (e.g. "val_loss/stdlib")."""
+        self._put("metrics", (step, int(time.time() * 1000), {k: float(v) for k, v in values.items()}))
 
     def close(self, status: str) -> None:
         """End the run (FINISHED, KILLED or FAILED) and wait up to tracking.flush_seconds for every point to go."""

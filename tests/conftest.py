@@ -36,8 +36,9 @@ def stdlib_shards(tmp_path_factory) -> Path:
 
 
 def data_args(shards: Path) -> list[str]:
-    """Overrides that point a run at `shards`, with one loader worker per rank."""
-    return [f"data.datasets=[{{path: {shards}}}]", "data.streams=4"]
+    """Overrides that point a run at `shards`, with one loader worker per rank, and no validation (the
+    quickstart's validation set is prepared by launch/quickstart.sh; tests/test_eval.py has its own)."""
+    return [f"data.datasets=[{{path: {shards}}}]", "data.streams=4", "eval.datasets=[]"]
 
 
 def torchrun(nproc: int, args: list[str], timeout: float = 300, module: str = "pretrain.cli", check: bool = True,
@@ -80,3 +81,16 @@ def foundry(args: list[str], timeout: float = 300, **popen) -> subprocess.Comple
     """`foundry ARGS` in the repo (not raising on failure)."""
     return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **popen.pop("env", {})}, **popen)
+
+
+@pytest.fixture(scope="session")
+def val_shards(stdlib_shards, tmp_path_factory) -> Path:
+    """A validation set prepared like the training data, with its tokenizer, from other files (xml, csv)."""
+    from data.prepare import PrepareOptions, prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("val_shards")
+    prepare([str(stdlib / "xml"), str(stdlib / "csv.py")],
+            PrepareOptions(out=out, tokenizer=str(stdlib_shards / "tokenizer.json"), pattern="**/*.py",
+                           sample_tokens=512, shard_tokens=20_000, workers=2, on_error="skip"))
+    return out
