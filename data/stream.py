@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -67,8 +68,9 @@ def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dat
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"manifest {manifest_path} is not valid JSON ({e}): prepare the data again") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{manifest_path} is not a {FORMAT} manifest: prepare the data with `foundry prepare-data`")
+    check_manifest(manifest, manifest_path)
     if urls is not None:
         shard_urls = list(wds.shardlists.expand_urls(urls))
         if len(shard_urls) != len(manifest["shards"]):
@@ -77,6 +79,34 @@ def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dat
     else:
         shard_urls = [str(manifest_path.parent / s["url"]) for s in manifest["shards"]]
     return Dataset(name=str(path), manifest=manifest, urls=shard_urls, weight=weight)
+
+
+# A shard a manifest names: a tar file next to it. Never a URL, a path elsewhere or a command (`pipe:`): a
+# manifest comes with the data, from whoever wrote the bucket; commands belong in the user's own config.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_.-]+\.tar")
+TOKENIZER_NAME = re.compile(r"[A-Za-z0-9_.-]+\.json")
+
+
+def check_manifest(manifest: dict, path: Path) -> None:
+    """The manifest is data of the expected shape, and names only shard files next to it; DataError if not."""
+    def bad(what: str) -> DataError:
+        return DataError(f"manifest {path}: {what}; prepare the data again with `foundry prepare-data`")
+
+    tok = manifest.get("tokenizer")
+    if not isinstance(tok, dict) or not all(isinstance(tok.get(k), int) and tok[k] >= 0 for k in ("vocab_size", "eos_id")) \
+            or not isinstance(tok.get("fingerprint"), str) or not isinstance(tok.get("file"), str) \
+            or not TOKENIZER_NAME.fullmatch(tok["file"]):
+        raise bad("its tokenizer entry is not {fingerprint, vocab_size, eos_id, file: a file name}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards or not isinstance(manifest.get("total_tokens"), int):
+        raise bad("it has no list of shards or no total_tokens")
+    for shard in shards:
+        url = shard.get("url") if isinstance(shard, dict) else None
+        if not isinstance(url, str) or not SHARD_NAME.fullmatch(url):
+            raise bad(f"shard {str(url)[:80]!r} is not the name of a tar file next to the manifest (a manifest may not "
+                      f"name commands, URLs or other paths: put those in data.datasets[].urls of your own config)")
+        if not all(isinstance(shard.get(k), int) and shard[k] >= 0 for k in ("samples", "tokens")):
+            raise bad(f"shard {url} has no sample and token counts")
 
 
 def check_readers(streams: int, dp_size: int, workers: int) -> None:

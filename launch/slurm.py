@@ -61,16 +61,22 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
         f"--chdir={workdir}",
         f"--signal=USR1@{la.grace_seconds}",
         *(["--requeue"] if s.requeue else []),
-        *s.sbatch_lines,
     ]
     env = {**s.env, **TORCHRUN_ENV}
+    for what, value in [("train.run_dir", str(run_dir)), ("the working directory", str(workdir)),
+                        ("the config path", str(config_path)), *((f"launch.slurm.env.{k}", str(v)) for k, v in env.items()),
+                        *(("a #SBATCH option", o) for o in [*options, *s.sbatch_lines])]:
+        if any(ord(c) < 32 or c == "\x7f" for c in value):
+            raise LaunchError(f"{what} ({value!r}) contains a line break or control character, which a batch "
+                              f"script cannot carry safely: remove it")
     train = torchrun_command(la, str(config_path), endpoint=f"$head:{la.rdzv_port}",
                              rdzv_id="$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}", python=python)
     lines = [
         "#!/bin/bash",
         f"# Written by `foundry launch slurm` for {run_dir}; `sbatch` this file to submit it again.",
         f"# One torchrun per node ({la.procs_per_node} workers each); they meet on the allocation's first node.",
-        *(f"#SBATCH {o}" for o in options),
+        *(f"#SBATCH {_directive(o)}" for o in options),
+        *(f"#SBATCH {o}" for o in s.sbatch_lines),  # the user's own lines, as written
         "",
         *(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
         "",
@@ -86,9 +92,23 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
     return "\n".join(lines)
 
 
+def _directive(option: str) -> str:
+    """An option as sbatch reads it from a #SBATCH line (bash sees only a comment). sbatch splits these at
+    whitespace, honours quotes and cuts at #: a value with any of those is quoted with a quote it lacks."""
+    if not re.search(r"""[\s"'#\\]""", option):
+        return option
+    flag, _, value = option.partition("=")
+    quote = next((q for q in '"\'' if q not in value), None)
+    if quote is None or "\\" in value:
+        raise LaunchError(f"{option!r} has both kinds of quote or a backslash, which a #SBATCH line cannot carry: "
+                          f"rename it")
+    return f"{flag}={quote}{value}{quote}"
+
+
 def _shell_join(args: list[str]) -> str:
-    # Arguments naming shell variables ($head, $SLURM_JOB_ID) are expanded in the job, so double-quoted.
-    return " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in args)
+    # Our two rendezvous flags name shell variables of the job ($head, $SLURM_JOB_ID): double-quoted, so they
+    # expand. Every other argument (paths from the config among them) is single-quoted: it stays text.
+    return " ".join(f'"{a}"' if a.startswith(("--rdzv-endpoint=", "--rdzv-id=")) else shlex.quote(a) for a in args)
 
 
 def check_cluster(cfg: RunConfig) -> None:

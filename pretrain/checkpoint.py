@@ -17,7 +17,9 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,28 @@ def write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def safe_load(path: Path | str, map_location: Any = "cpu") -> Any:
+    """torch.load that runs no code: tensors, plain containers and numbers, and DeepSpeed's own small data
+    classes. A file that needs anything else (a pickle could run any command) is refused with CheckpointError."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        raise CheckpointError(f"{path} holds a Python object ({found.group(1) if found else 'not plain data'}) that "
+                              f"loading would have to run code for: refused; load only checkpoints written by "
+                              f"foundry, and check where this one came from") from None
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain data (its array as a tensor), so that the file loads without unpickling code
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -78,7 +100,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -232,14 +255,27 @@ def load(engine: Any, ckpt_dir: Path, tag: str, identity: dict[str, Any], reshar
         log.info("resharding %s: written under %s, loading under %s", ckpt_dir / tag,
                  info["identity"]["layout"], identity["layout"])
         reshard(ckpt_dir / tag)
-        return {k: v for k, v in torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", weights_only=False).items()
-                if k in ("step", "tokens", "data", "config")}
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v for k, v in safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt").items()
+                if k in ("step", "tokens", "data", "config", "guard")}
+    reader = engine.checkpoint_engine
+
+    class SafeReads:  # DeepSpeed's reader, loading with safe_load
+        def __getattr__(self, name: str) -> Any:
+            return getattr(reader, name)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return safe_load(path, map_location)
+
+    engine.checkpoint_engine = SafeReads()
+    try:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    finally:
+        engine.checkpoint_engine = reader
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}: see the log above")
     rng = ckpt_dir / tag / f"rng_rank{dist.get_rank():05d}.pt"
     if rng.is_file():  # written under the same layout, so the same ranks exist
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(safe_load(rng))
     return client_state
 
 
@@ -320,7 +356,7 @@ def _read_universal(tag_dir: Path) -> tuple[dict[str, list[tuple[int, dict]]], d
     by_name: dict[str, list[tuple[int, dict]]] = {}
     scheduler: dict = {}
     for f in files:
-        saved = torch.load(f, weights_only=False)
+        saved = safe_load(f)
         scheduler = saved["scheduler"]
         for name, state in saved["params"].items():
             by_name.setdefault(name, []).append((int(f.name[2:4]), state))

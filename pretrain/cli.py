@@ -94,6 +94,7 @@ def _launch(args: argparse.Namespace) -> int:
     from launch.torchrun import check_endpoint, run_local
     from pretrain.checkpoint import write_atomic
     from pretrain.preflight import preflight
+    from pretrain.tracking import credentials_to_env
 
     if args.mode == "requeue":
         return slurm.requeue_if_stopped(Path(args.config[0]))
@@ -113,6 +114,7 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(config_path, to_yaml(cfg))  # several nodes' launchers may write it at once
+    credentials_to_env(cfg.tracking.uri)  # the job's processes inherit the password; config.yaml has ***
     if args.mode == "local":
         return run_local(cfg.launch, config_path, run_dir, dry_run=args.dry_run)
     return slurm.launch(cfg, config_path, dry_run=args.dry_run)

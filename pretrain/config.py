@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -428,7 +429,28 @@ def divisors(n: int) -> list[int]:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as written anywhere (run dir, logs, checkpoints): passwords redacted (see `public`)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(public(cfg)))
+
+
+REDACTED = "***"
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """`uri` with the password in it, if any, replaced by ***."""
+    if not uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}"))
+
+
+def public(cfg: RunConfig) -> RunConfig:
+    """A copy of `cfg` that is safe to write down: the tracking URI's password redacted. (The password reaches
+    the processes that need it through the environment: pretrain.tracking.credentials_to_env.)"""
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=redact_uri(cfg.tracking.uri)))
 
 
 def reference(section: Any = RunConfig, prefix: str = "") -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 from pathlib import Path
 
 from data.stream import Dataset, check_compatible, check_readers, open_dataset
@@ -23,6 +24,7 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
     """Every check that needs no process group: a bad run stops here, before any GPU time is spent.
     Returns the datasets, the layout and the gradient-accumulation steps."""
     kernels.check(cfg.kernels)
+    check_run_dir(Path(cfg.train.run_dir))
     datasets = [open_dataset(d.path, d.weight, d.urls) for d in cfg.data.datasets]
     check_compatible(datasets, cfg.data.streams)
     fingerprint = datasets[0].manifest["tokenizer"]["fingerprint"]
@@ -41,6 +43,15 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
     grad_accum = check_world_size(cfg.train, layout.dp)
     check_readers(cfg.data.streams, layout.dp, cfg.data.workers)
     return datasets, layout, grad_accum
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory any user may write into: they could plant a checkpoint or config that the run
+    loads. (What the run creates gets the user's umask.)"""
+    for d in (run_dir, run_dir / "checkpoints"):
+        if d.is_dir() and d.stat().st_mode & stat.S_IWOTH:
+            raise ConfigError(f"{d} is writable by every user (mode {stat.S_IMODE(d.stat().st_mode):o}): anyone could "
+                              f"plant a checkpoint or config in it; run `chmod o-w {d}` or choose another train.run_dir")
 
 
 def validation_sets(cfg: RunConfig) -> list[Dataset]:

@@ -21,16 +21,32 @@ import os
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import TrackingConfig
+from pretrain.config import REDACTED, TrackingConfig
 
 log = logging.getLogger("foundry")
 
 # Metric names in MLflow for the keys of a metrics.jsonl record (pretrain/metrics.py).
 METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib", "tokens", "skipped_steps")
+
+
+def credentials_to_env(uri: str | None) -> str | None:
+    """`uri` without user and password; a password in it (not the *** of a saved config) moves into
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow's client reads it and which child
+    processes (torchrun's workers, a SLURM job) inherit, so no file has to hold it."""
+    if not uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    if parts.password not in (None, REDACTED):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def default_uri(run_dir: Path) -> str:
@@ -67,7 +83,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, run_dir: Path, *, run_id: str | None, params: dict[str, str],
                  tags: dict[str, str], config_yaml: str):
         self.cfg, self.run_dir, self.run_id = cfg, Path(run_dir), run_id
-        self.uri = cfg.uri or default_uri(run_dir)
+        self.uri = credentials_to_env(cfg.uri) or default_uri(run_dir)
         # Each operation can be retried as a whole until it succeeds.
         first = [("create", tags), ("params", params)] if run_id is None else [("resume", tags)]
         self._ops: deque[tuple[str, Any]] = deque([*first, ("artifact", config_yaml)])

@@ -29,7 +29,7 @@ from parallel.parallelize import parallelize
 from parallel.topology import Layout, Topology
 from pretrain import checkpoint, kernels
 from pretrain import engine as ds_engine
-from pretrain.config import RunConfig, to_yaml
+from pretrain.config import RunConfig, public, to_yaml
 from pretrain.convert import load_hf
 from pretrain.flops import device_peak_flops, flops_per_token
 from pretrain.generate import TOKENIZER
@@ -342,7 +342,7 @@ def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torc
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
     }
-    return Tracker(cfg.tracking, Path(cfg.train.run_dir), run_id=run_id, params=flatten(dataclasses.asdict(cfg)),
+    return Tracker(cfg.tracking, Path(cfg.train.run_dir), run_id=run_id, params=flatten(dataclasses.asdict(public(cfg))),
                    tags=tags, config_yaml=to_yaml(cfg))
 
 

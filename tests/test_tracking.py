@@ -203,3 +203,26 @@ def test_an_unreachable_store_never_raises_and_says_what_was_not_sent(tmp_path, 
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot be reached" in m for m in messages) == 1
     assert any("5 logged steps were not sent" in m for m in messages), messages
+
+
+def test_a_password_in_the_uri_and_a_tracking_token_are_written_nowhere(mlflow_server, tmp_path, stdlib_shards,
+                                                                        monkeypatch):
+    """Through `foundry launch`, whose job reads the config back from the run directory: the password reaches
+    the workers through the environment, not through any file."""
+    password, token = "s3cr3t-pw-8841", "tok-XYZ-5512"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    run_dir = tmp_path / "secret"
+    uri = mlflow_server.url.replace("http://", f"http://alice:{password}@")
+    launcher = _Launcher([*TRACKED, *data_args(stdlib_shards), "train.max_steps=6", f"tracking.uri={uri}",
+                          f"train.run_dir={run_dir}"])
+    out = launcher.wait(timeout=240)
+    assert launcher.proc.returncode == 0, out[-3000:]
+    run = mlflow_server.run_named("secret")
+    assert sorted(_losses(mlflow_server, run["info"]["run_id"])) == [1, 2, 3, 4, 5, 6]  # it did reach the server
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["tracking.uri"] == mlflow_server.url.replace("http://", "http://alice:***@")
+    for secret in (password, token):
+        assert secret not in out
+        assert not [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert not [p for p in mlflow_server.root.rglob("*")
+                    if p.is_file() and p.name != "server.log" and secret.encode() in p.read_bytes()]
