@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from launch import record_job
+from launch.network import NodeNetwork, resolve
 from pretrain.checkpoint import find_latest
 from pretrain.config import ConfigError, LaunchConfig
 from pretrain.metrics import duration
@@ -37,10 +38,12 @@ TORCHRUN_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT
 
 
 def torchrun_command(launch: LaunchConfig, config_path: str, *, endpoint: str, rdzv_id: str,
-                     python: str = sys.executable) -> list[str]:
-    """The per-node command that trains `config_path`. `endpoint` '' means one node, standalone."""
+                     python: str = sys.executable, network: NodeNetwork | None = None) -> list[str]:
+    """The per-node command that trains `config_path`. `endpoint` '' means one node, standalone; `network`,
+    this node's address and rendezvous role when they are known (see launch/network.py)."""
     rendezvous = ["--standalone"] if not endpoint else [
         f"--nnodes={launch.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}",
+        *(network.torchrun_args() if network else []),
     ]
     return [python, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={launch.procs_per_node}",
             # The workers' grace to save after a stop signal, before torchrun kills them.
@@ -61,14 +64,18 @@ def run_local(launch: LaunchConfig, config_path: Path, run_dir: Path, dry_run: b
         print(shlex.join(torchrun_command(launch, str(config_path), endpoint=launch.rdzv_endpoint,
                                           rdzv_id=f"{run_dir.name}-1")))
         return 0
+    network = resolve(launch) if launch.rdzv_endpoint else None
+    if network:
+        log.info("%s", network.describe())
     record_job(run_dir, scheduler="local", pid=os.getpid(), host=os.uname().nodename)
     for attempt in range(1, attempts + 1):
-        # A fresh rendezvous id per attempt: every node's launcher counts the same attempts.
-        cmd = torchrun_command(launch, str(config_path), endpoint=launch.rdzv_endpoint,
-                               rdzv_id=f"{run_dir.name}-{attempt}")
+        # A fresh rendezvous id and store port per attempt (every node's launcher counts the same attempts): a
+        # node that relaunches first must not join the store of the attempt that is still dying elsewhere.
+        cmd = torchrun_command(launch, str(config_path), endpoint=_attempt_endpoint(launch.rdzv_endpoint, attempt),
+                               rdzv_id=f"{run_dir.name}-{attempt}", network=network)
         log.info("attempt %d of %d: %s", attempt, attempts, shlex.join(cmd))
         started = time.monotonic()
-        rc, stop_signal = _run_forwarding_signals(cmd)
+        rc, stop_signal = _run_forwarding_signals(cmd, network.env() if network else {})
         status = read_status(run_dir) or {}
         took = duration(time.monotonic() - started)
         if rc == 0 and status.get("state") == "finished":
@@ -91,11 +98,19 @@ def run_local(launch: LaunchConfig, config_path: Path, run_dir: Path, dry_run: b
     raise AssertionError("unreachable")
 
 
-def _run_forwarding_signals(cmd: list[str]) -> tuple[int, str | None]:
+def _attempt_endpoint(endpoint: str, attempt: int) -> str:
+    """HOST:PORT of attempt N: PORT + N - 1 ('' stays '': one node, standalone)."""
+    if not endpoint:
+        return endpoint
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + attempt - 1}"
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, str | None]:
     """Run torchrun in its own session, passing each stop signal this process gets on to it exactly once
     (in our process group a Ctrl-C would reach it twice)."""
     got: list[str] = []
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **TORCHRUN_ENV})
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **TORCHRUN_ENV, **env})
 
     def forward(signum: int, frame: object) -> None:
         got.append(signal.Signals(signum).name)

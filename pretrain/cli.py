@@ -280,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from launch.network import NetworkError
     from launch.slurm import LaunchError
 
     try:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"foundry: checkpoint error: {e}", file=sys.stderr)
         return 2
-    except LaunchError as e:
+    except (LaunchError, NetworkError) as e:
         print(f"foundry: launch error: {e}", file=sys.stderr)
         return 2
     except (SaveError, TooManyBadSteps) as e:

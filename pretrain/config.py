@@ -218,7 +218,12 @@ class LaunchConfig:
 
     nodes: int = _help(1, "machines; world size = nodes x procs_per_node")
     procs_per_node: int = _help(1, "training processes per machine: one per GPU (on CPU, any number)")
-    rdzv_endpoint: str = _help("", "HOST:PORT on the first node, for torchrun across nodes outside SLURM")
+    rdzv_endpoint: str = _help("", "HOST:PORT on the first node, for torchrun across nodes outside SLURM; a "
+                                   "relaunch N uses PORT + N")
+    node_addr: str = _help("", "this node's address as the other nodes reach it ('': the source address of "
+                               "the route to the rendezvous host); several nodes: logged on each")
+    interface: str = _help("", "network interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; '': the "
+                               "one holding node_addr)")
     rdzv_port: int = _help(29500, "under SLURM: the rendezvous port on the allocation's first node")
     max_restarts: int = _help(0, "local mode: relaunch a failed job this many times, resuming from its checkpoint")
     grace_seconds: int = _help(

@@ -88,6 +88,10 @@ def init_distributed(device: torch.device, timeout_seconds: float = 1800.0) -> N
     # Our own init binds NCCL to this rank's GPU (DeepSpeed's cannot), so collectives never guess the
     # device; DeepSpeed then adopts the existing group.
     timeout = datetime.timedelta(seconds=timeout_seconds)
+    # Every group created later (DeepSpeed's data- and model-parallel groups, ours) takes torch's default
+    # timeout, not the world group's: set the default, or a silent peer holds them for 30 minutes.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                          timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)

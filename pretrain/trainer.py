@@ -307,7 +307,10 @@ def train(cfg: RunConfig) -> None:
         if tracker:
             tracker.close("FAILED")
         raise
-    except BaseException:
+    except BaseException as e:
+        if _collective_failed(e):  # a peer died or went silent: say which, from the watchdog's records
+            log.error("a collective failed (%s); %s", (str(e).strip().splitlines() or [""])[0][:300],
+                      watchdog.culprits() if watchdog else "no watchdog records (train.step_timeout_seconds=0)")
         if tracker:
             tracker.close("FAILED")
         raise
@@ -330,6 +333,12 @@ def train(cfg: RunConfig) -> None:
             log.info("wrote the unsharded fp32 model to %s", run_dir / "model.pt")
     del engine, model
     finish(run)
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo reports these as plain RuntimeErrors)."""
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
+        word in str(e) for word in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))
 
 
 def _start_tracking(cfg: RunConfig, layout: Layout, precision: str, device: torch.device, attention_path: str,

@@ -18,6 +18,7 @@ import faulthandler
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Any
@@ -34,6 +35,8 @@ class Watchdog:
         self.step: int | None = None
         self.last = time.monotonic()
         self._done = threading.Event()
+        # Where each rank runs, to name nodes in the blame: the launcher's FOUNDRY_NODE_ADDR, else the hostname.
+        self._set(f"foundry/node/{rank}", os.environ.get("FOUNDRY_NODE_ADDR") or socket.gethostname())
         threading.Thread(target=self._watch, name="foundry-watchdog", daemon=True).start()
 
     def beat(self, step: int) -> None:
@@ -53,27 +56,32 @@ class Watchdog:
     def interval(self) -> float:
         return min(self.timeout / 4, 5.0)
 
-    def _fire(self) -> None:
+    def culprits(self) -> str:
+        """Which ranks (on which nodes) stopped answering or fell behind, and every rank's last step."""
         steps, alive = self._read("foundry/heartbeat"), self._read("foundry/alive")
-        newest = max(steps.values(), default=self.step)
+        nodes = self._read("foundry/node")
+        newest = max(steps.values(), default=self.step or 0)
         now = time.time()
         silent = [r for r in range(self.world_size) if now - alive.get(r, 0.0) > 3 * self.interval]
         behind = [r for r in range(self.world_size) if steps.get(r, -1) < newest]
         blamed = sorted(set(silent) | set(behind))
         seen = ", ".join(f"rank {r}: step {steps.get(r, 'none')}"
                          + (", not answering" if r in silent else "") for r in range(self.world_size))
-        log.error("watchdog: no step finished for %.0f s (train.step_timeout_seconds=%.0f) after step %d; %s; "
-                  "last steps: %s. Stacks of every thread follow in the rank logs; exiting so the job ends",
-                  time.monotonic() - self.last, self.timeout, self.step,
-                  f"blame {', '.join(f'rank {r}' for r in blamed)}" if blamed else
-                  "no rank is silent or behind: compare the stacks in the rank logs", seen)
+        blame = "; ".join(f"rank {r}" + (f" (node {nodes[r]})" if r in nodes else "") for r in blamed)
+        return (f"blame {blame}" if blamed else "no rank is silent or behind: compare the stacks in the rank logs") \
+            + f"; last steps: {seen}"
+
+    def _fire(self) -> None:
+        log.error("watchdog: no step finished for %.0f s (train.step_timeout_seconds=%.0f) after step %d; %s. "
+                  "Stacks of every thread follow in the rank logs; exiting so the job ends",
+                  time.monotonic() - self.last, self.timeout, self.step, self.culprits())
         self.stack_file.write(f"--- watchdog: Python stacks of rank {self.rank} ---\n")
         self.stack_file.flush()
         faulthandler.dump_traceback(file=self.stack_file, all_threads=True)
         self.stack_file.flush()
         os._exit(EXIT_CODE)
 
-    def _set(self, key: str, value: float) -> None:
+    def _set(self, key: str, value: float | str) -> None:
         try:
             self.store.set(key, json.dumps(value))
         except Exception:  # noqa: BLE001 - a store gone with the job must not kill the watchdog itself

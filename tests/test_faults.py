@@ -42,7 +42,7 @@ def test_a_frozen_rank_trips_the_watchdog_which_names_it_within_the_limit(tmp_pa
     fired = launcher.first("watchdog: no step finished") - stopped_at
     assert 6 <= fired < 8 + 10, f"the watchdog fired {fired:.1f} s after the rank froze (limit 8 s)"
     line = next(line for _, line in launcher.lines if "watchdog: no step finished" in line)
-    assert "blame rank 1;" in line and "rank 1: step" in line and "not answering" in line, line
+    assert "blame rank 1 (node " in line and "rank 1: step" in line and "not answering" in line, line
     assert "--- watchdog: Python stacks of rank 0 ---" in (run_dir / "logs" / "rank0.log").read_text()
 
 
@@ -124,7 +124,7 @@ def small_disk(tmp_path):
         pytest.fail("mounting a small tmpfs needs root (CI runs as root): run the suite as root")
     mount = tmp_path / "run" / "checkpoints"
     mount.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=11m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=11m,mode=0700", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)
 

@@ -54,8 +54,9 @@ def _logged_steps(run_dir: Path) -> int:
 class _Launcher:
     """`foundry launch local ...` in the background, its output lines stamped with the time they arrived."""
 
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", "launch", "local", *args], cwd=REPO,
+    def __init__(self, args: list[str], prefix: list[str] = []):
+        """`prefix`: what runs the command, e.g. `ip netns exec NODE` (tests/netns.py)."""
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pretrain.cli", "launch", "local", *args], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.lines: list[tuple[float, str]] = []

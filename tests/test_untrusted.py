@@ -141,7 +141,7 @@ def test_the_run_directory_is_not_open_to_every_user_and_files_follow_the_umask(
     run_dir = tmp_path / "run"
     old = os.umask(0o027)
     try:
-        torchrun(1, [*BASE, *data_args(stdlib_shards), "train.max_steps=1", f"train.run_dir={run_dir}"])
+        torchrun(1, [*BASE, *data_args(stdlib_shards), "train.max_steps=2", f"train.run_dir={run_dir}"])
     finally:
         os.umask(old)
     written = [p for p in run_dir.rglob("*")]
