@@ -47,22 +47,31 @@ class NodeNetwork:
                 "FOUNDRY_NODE_ADDR": self.address}
 
 
-def resolve(launch: LaunchConfig) -> NodeNetwork:
-    """This node's view of a multi-node job (launch.rdzv_endpoint set)."""
+def resolve(launch: LaunchConfig, first_node: bool | None = None) -> NodeNetwork:
+    """This node's view of a multi-node job (launch.rdzv_endpoint set). `first_node`: whether this node hosts the
+    rendezvous store, when the scheduler says so (SLURM's node 0); None: this node's address decides."""
     host, _, port = launch.rdzv_endpoint.rpartition(":")
     try:
         rendezvous_ip = socket.gethostbyname(host)
     except OSError as e:
         raise NetworkError(f"launch.rdzv_endpoint host {host!r} does not resolve ({e.strerror}): use its IP "
                            f"address") from None
-    address = launch.node_addr or source_address(rendezvous_ip, int(port))
-    interface = launch.interface or interface_of(address)
-    if interface not in psutil.net_if_addrs():
-        raise NetworkError(f"launch.interface={interface!r} is not an interface of this node: choose one of "
-                           f"{', '.join(sorted(psutil.net_if_addrs()))}")
     loopback = ipaddress.ip_address(rendezvous_ip).is_loopback
-    return NodeNetwork(launch.rdzv_endpoint, rendezvous_ip, address, interface,
-                       None if loopback else address == rendezvous_ip)
+    if launch.interface and launch.interface not in psutil.net_if_addrs():
+        raise NetworkError(f"launch.interface={launch.interface!r} is not an interface of this node: choose one of "
+                           f"{', '.join(sorted(psutil.net_if_addrs()))}")
+    if loopback and first_node is not None and not (launch.node_addr or launch.interface):
+        # The first node of a real allocation whose name resolves to itself (Debian's 127.0.1.1): the route to it
+        # says nothing about the address the other nodes use.
+        raise NetworkError(f"the rendezvous host {host!r} is {rendezvous_ip} (loopback) on this node, which the other "
+                           f"nodes cannot reach: set launch.interface to the network the nodes share (one of "
+                           f"{', '.join(sorted(psutil.net_if_addrs()))})")
+    address = launch.node_addr or (address_of(launch.interface) if launch.interface
+                                   else source_address(rendezvous_ip, int(port)))
+    interface = launch.interface or interface_of(address)
+    if first_node is None and not loopback:
+        first_node = address == rendezvous_ip
+    return NodeNetwork(launch.rdzv_endpoint, rendezvous_ip, address, interface, first_node)
 
 
 def source_address(ip: str, port: int) -> str:
@@ -74,6 +83,13 @@ def source_address(ip: str, port: int) -> str:
             raise NetworkError(f"no route from this node to the rendezvous host {ip} ({e.strerror}): check the "
                                f"network, or set launch.node_addr and launch.interface") from None
         return s.getsockname()[0]
+
+
+def address_of(interface: str) -> str:
+    for a in psutil.net_if_addrs()[interface]:
+        if a.family == socket.AF_INET:
+            return a.address
+    raise NetworkError(f"launch.interface={interface!r} has no IPv4 address: choose another, or set launch.node_addr")
 
 
 def interface_of(address: str) -> str:

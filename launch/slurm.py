@@ -1,7 +1,10 @@
 """`foundry launch slurm`: an sbatch script rendered from the run's config, checked and submitted.
 
-The script asks for `launch.nodes` nodes with one task each; `srun` starts one torchrun per node,
-and the torchruns meet (c10d rendezvous) on the first node of the allocation. It trains the
+The script asks for `launch.nodes` nodes with one task each; `srun` runs `foundry launch node` once
+per node (`run_node`), which derives the node's address, network interface and rendezvous role
+(launch/network.py), logs them and becomes that node's torchrun; the torchruns meet (c10d
+rendezvous) at the first node's SLURM NodeAddr, since node names often do not resolve, or resolve
+to 127.0.1.1 on the node itself. It trains the
 resolved config that `foundry launch` wrote to RUN_DIR/config.yaml, so a requeued job runs what
 was submitted, not what the YAML files say by then.
 
@@ -16,6 +19,7 @@ SLURM holds a requeued job for about two minutes before it is eligible again.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -24,11 +28,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from launch import record_job
+from launch.network import resolve
 from launch.torchrun import TORCHRUN_ENV, torchrun_command
 from pretrain.config import RunConfig
 from pretrain.stop import read_status
+
+log = logging.getLogger("foundry.launch")
 
 
 class LaunchError(RuntimeError):
@@ -69,8 +77,8 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
         if any(ord(c) < 32 or c == "\x7f" for c in value):
             raise LaunchError(f"{what} ({value!r}) contains a line break or control character, which a batch "
                               f"script cannot carry safely: remove it")
-    train = torchrun_command(la, str(config_path), endpoint=f"$head:{la.rdzv_port}",
-                             rdzv_id="$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}", python=python)
+    node = [python, "-m", "pretrain.cli", "launch", "node", str(config_path),
+            f"launch.rdzv_endpoint=$head_addr:{la.rdzv_port}"]
     lines = [
         "#!/bin/bash",
         f"# Written by `foundry launch slurm` for {run_dir}; `sbatch` this file to submit it again.",
@@ -81,10 +89,13 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
         *(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
         "",
         'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "# The address SLURM reaches the first node at: node names may not resolve, or resolve to 127.0.1.1.",
+        """head_addr=$(scontrol -o show node "$head" | sed -n 's/.* NodeAddr=\\([^ ]*\\).*/\\1/p')""",
         'echo "foundry: job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)) on $SLURM_JOB_NODELIST, '
-        f'rendezvous $head:{la.rdzv_port}"',
+        f'rendezvous $head_addr:{la.rdzv_port}"',
+        "# On each node: derive and log its address and interface, then run torchrun (see `foundry launch --help`).",
         "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
-        "  " + _shell_join(train),
+        "  " + _shell_join(node),
         "# Requeues the job if training stopped for the time-limit warning; it resumes from its checkpoint.",
         shlex.join([python, "-m", "pretrain.cli", "launch", "requeue", str(run_dir)]),
         "",
@@ -106,9 +117,25 @@ def _directive(option: str) -> str:
 
 
 def _shell_join(args: list[str]) -> str:
-    # Our two rendezvous flags name shell variables of the job ($head, $SLURM_JOB_ID): double-quoted, so they
-    # expand. Every other argument (paths from the config among them) is single-quoted: it stays text.
-    return " ".join(f'"{a}"' if a.startswith(("--rdzv-endpoint=", "--rdzv-id=")) else shlex.quote(a) for a in args)
+    # Our rendezvous override names a shell variable of the job ($head_addr): double-quoted, so it expands. Every
+    # other argument (paths from the config among them) is single-quoted: it stays text.
+    return " ".join(f'"{a}"' if a.startswith("launch.rdzv_endpoint=") else shlex.quote(a) for a in args)
+
+
+def run_node(cfg: RunConfig, config_path: Path) -> NoReturn:
+    """The batch script's srun line, on each node: derive this node's address and interface (SLURM's node 0
+    hosts the rendezvous store), log them, and become this node's torchrun, so that SLURM's signals reach
+    torchrun itself and its exit code is the step's."""
+    la, node = cfg.launch, os.environ.get("SLURM_NODEID")
+    if node is None or "SLURM_JOB_ID" not in os.environ:
+        raise LaunchError("`foundry launch node` is the srun line of a batch script from `foundry launch slurm`: "
+                          "outside SLURM use `foundry launch local`")
+    network = resolve(la, first_node=node == "0") if la.nodes > 1 else None
+    log.info("node %s of %d (%s): %s", node, la.nodes, os.uname().nodename,
+             network.describe() if network else "the only node, torchrun --standalone")
+    cmd = torchrun_command(la, str(config_path), endpoint=la.rdzv_endpoint if network else "", network=network,
+                           rdzv_id=f"{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}")
+    os.execvpe(cmd[0], cmd, {**os.environ, **TORCHRUN_ENV, **(network.env() if network else {})})
 
 
 def check_cluster(cfg: RunConfig) -> None:

@@ -106,6 +106,8 @@ def _launch(args: argparse.Namespace) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s foundry launch: %(message)s", datefmt="%H:%M:%S")
     cfg = _load(args.config)
+    if args.mode == "node":  # inside the SLURM job: submitted, checked and written already
+        slurm.run_node(cfg, Path(args.config[0]))
     if args.mode == "local":
         check_endpoint(cfg.launch)
     preflight(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)  # the job's world size must fit the config
@@ -222,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="local CONFIG...: torchrun on this node (with launch.nodes > 1, run the same command on every "
         "node), relaunching a failed job launch.max_restarts times. slurm CONFIG...: check the cluster, write "
         "RUN_DIR/job.sbatch and submit it (--dry-run: print it). status RUN_DIR: the job, its state and the "
-        "last logged step. requeue RUN_DIR: the batch script's last line. Keys: [launch] in `foundry train --help`.",
+        "last logged step. node CONFIG...: the batch script's srun line on each node (derive and log the node's address "
+        "and interface, then run torchrun). requeue RUN_DIR: the batch script's last line. Keys: [launch] in `foundry train --help`.",
     )
-    launch.add_argument("mode", choices=["local", "slurm", "status", "requeue"])
+    launch.add_argument("mode", choices=["local", "slurm", "status", "requeue", "node"])
     launch.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value | RUN_DIR")
     launch.add_argument("--dry-run", action="store_true", help="print the torchrun command or sbatch script only")
     launch.set_defaults(run=_launch)

@@ -220,11 +220,13 @@ class LaunchConfig:
     procs_per_node: int = _help(1, "training processes per machine: one per GPU (on CPU, any number)")
     rdzv_endpoint: str = _help("", "HOST:PORT on the first node, for torchrun across nodes outside SLURM; a "
                                    "relaunch N uses PORT + N")
-    node_addr: str = _help("", "this node's address as the other nodes reach it ('': the source address of "
-                               "the route to the rendezvous host); several nodes: logged on each")
-    interface: str = _help("", "network interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME; '': the "
-                               "one holding node_addr)")
-    rdzv_port: int = _help(29500, "under SLURM: the rendezvous port on the allocation's first node")
+    node_addr: str = _help("", "this node's address as the other nodes reach it ('': the address on "
+                               "launch.interface, else the source address of the route to the rendezvous host); "
+                               "several nodes: logged on each")
+    interface: str = _help("", "network interface for gloo/NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME), the same "
+                               "name on every node, e.g. ib0 ('': the one holding node_addr)")
+    rdzv_port: int = _help(29500, "under SLURM: the rendezvous port on the allocation's first node, reached at "
+                                  "its SLURM NodeAddr")
     max_restarts: int = _help(0, "local mode: relaunch a failed job this many times, resuming from its checkpoint")
     grace_seconds: int = _help(
         300, "a stop signal gives training this long to finish its step and save before it is killed; under "

@@ -5,6 +5,10 @@ Partition `cpu` (default) is this machine, which runs the jobs. Partition `gpu` 
 8 GPUs that exist only on paper: they are cloud nodes (powered down until a job would need them,
 and nothing ever powers them up), so `sbatch --test-only` plans a 16-node job on them, while a
 job that asks for more than they have is refused, as on a real cluster.
+
+On network namespaces (tests/netns.py) it is a cluster of several hosts instead: a slurmd in each
+namespace, as node0, node1, ... at the namespace's address (names that resolve nowhere, as SLURM
+node names often do not), and slurmctld on the first. Their commands must run in a namespace too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from pathlib import Path
 
 from pretrain.engine import free_port
+from tests.netns import Nodes
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
@@ -29,13 +34,26 @@ def _hardware() -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def write_config(root: Path) -> Path:
-    for d in ("state", "spool"):
-        (root / d).mkdir(parents=True, exist_ok=True)
+def write_config(root: Path, nodes: Nodes | None = None) -> Path:
+    (root / "state").mkdir(parents=True, exist_ok=True)
+    for name in _node_names(nodes):
+        (root / f"spool-{name}").mkdir(exist_ok=True)
+    if nodes:
+        controller = f"localhost({nodes.addresses[0]})"  # slurmctld accepts 'localhost' as its own name anywhere
+        cluster = "".join(f"NodeName=node{i} NodeAddr={a} {_hardware()}\n" for i, a in enumerate(nodes.addresses))
+        cluster += f"PartitionName=cpu Nodes=node[0-{len(nodes.addresses) - 1}] Default=YES State=UP MaxTime=INFINITE"
+    else:
+        controller = "localhost"
+        cluster = f"""\
+# Paper nodes first: slurmctld 22.05 refuses (a duplicated NodeHostName) node lines after a NodeAddr=127.0.0.1 one.
+NodeName=gpu[01-16] NodeAddr=127.0.1.[1-16] CPUs=96 Boards=1 SocketsPerBoard=2 CoresPerSocket=48 ThreadsPerCore=1 RealMemory=1000000 Gres=gpu:8 State=CLOUD
+NodeName=localhost NodeAddr=127.0.0.1 {_hardware()}
+PartitionName=cpu Nodes=localhost Default=YES State=UP MaxTime=INFINITE
+PartitionName=gpu Nodes=gpu[01-16] State=UP MaxTime=INFINITE"""
     conf = root / "slurm.conf"
     conf.write_text(f"""\
 ClusterName=foundrytest
-SlurmctldHost=localhost
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -53,27 +71,34 @@ MailProg=/bin/true
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 GresTypes=gpu
 SuspendProgram=/bin/true
 ResumeProgram=/bin/true
 SuspendTime=3600
 PrivateData=cloud
-# Paper nodes first: slurmctld 22.05 refuses (a duplicated NodeHostName) node lines after a NodeAddr=127.0.0.1 one.
-NodeName=gpu[01-16] NodeAddr=127.0.1.[1-16] CPUs=96 Boards=1 SocketsPerBoard=2 CoresPerSocket=48 ThreadsPerCore=1 RealMemory=1000000 Gres=gpu:8 State=CLOUD
-NodeName=localhost NodeAddr=127.0.0.1 {_hardware()}
-PartitionName=cpu Nodes=localhost Default=YES State=UP MaxTime=INFINITE
-PartitionName=gpu Nodes=gpu[01-16] State=UP MaxTime=INFINITE
+{cluster}
 """)
     return conf
 
 
-def start(root: Path) -> tuple[Path, list[int]]:
-    """Start the daemons; returns slurm.conf and the pids this call started (munged is shared if running)."""
+def _node_names(nodes: Nodes | None) -> list[str]:
+    return [f"node{i}" for i in range(len(nodes.names))] if nodes else ["localhost"]
+
+
+def in_node(nodes: Nodes | None, i: int = 0) -> list[str]:
+    """What runs a command on node i: nothing on localhost; in a namespace, nsenter (not `ip netns exec`, which
+    mounts a fresh /sys without the cgroup filesystem that slurmd needs)."""
+    return ["nsenter", f"--net=/run/netns/{nodes.names[i]}"] if nodes else []
+
+
+def start(root: Path, nodes: Nodes | None = None) -> tuple[Path, list[int]]:
+    """Start the daemons (on `nodes` when given); returns slurm.conf and the pids this call started (munged is
+    shared if running)."""
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if missing:
         raise RuntimeError(f"{', '.join(missing)} not installed: run `bash setup.sh --with-services` (as root)")
@@ -82,20 +107,23 @@ def start(root: Path) -> tuple[Path, list[int]]:
         subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True)
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
         started.append(int(Path("/run/munge/munged.pid").read_text()))
-    conf = write_config(root)
+    conf = write_config(root, nodes)
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    subprocess.run(["/usr/sbin/slurmctld", "-f", str(conf), "-c"], check=True, env=env)
-    subprocess.run(["/usr/sbin/slurmd", "-f", str(conf), "-N", "localhost"], check=True, env=env)
+    subprocess.run([*in_node(nodes), "/usr/sbin/slurmctld", "-f", str(conf), "-c"], check=True, env=env)
+    names = _node_names(nodes)
+    for i, name in enumerate(names):
+        subprocess.run([*in_node(nodes, i), "/usr/sbin/slurmd", "-f", str(conf), "-N", name], check=True, env=env)
     deadline = time.time() + 60
     while time.time() < deadline:
-        state = subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True, text=True, env=env)
+        state = subprocess.run([*in_node(nodes), "sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True,
+                               text=True, env=env)
         if state.stdout.strip() == "idle":
             break
         time.sleep(0.5)
     else:
-        raise RuntimeError(f"the SLURM node never became idle; see {root}/slurmctld.log and {root}/slurmd.log")
-    for name in ("slurmctld", "slurmd"):
-        started.append(int((root / f"{name}.pid").read_text()))
+        raise RuntimeError(f"the SLURM nodes never became idle; see the logs in {root}")
+    for pid_file in ("slurmctld.pid", *(f"slurmd-{name}.pid" for name in names)):
+        started.append(int((root / pid_file).read_text()))
     return conf, started
 
 
@@ -107,7 +135,8 @@ def stop(pids: list[int]) -> None:
             pass
 
 
-def scontrol_job(job_id: str, conf: Path) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+def scontrol_job(job_id: str, conf: Path, nodes: Nodes | None = None) -> dict[str, str]:
+    out = subprocess.run([*in_node(nodes), "scontrol", "show", "job", "--oneliner", job_id], capture_output=True,
+                         text=True,
                          env={**os.environ, "SLURM_CONF": str(conf)})
     return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)

@@ -166,6 +166,13 @@ def test_multi_node_needs_an_endpoint(tmp_path, stdlib_shards):
         "that every node can reach (under SLURM use `foundry launch slurm`)"]
 
 
+
+def test_the_per_node_slurm_command_refuses_to_run_outside_slurm(tmp_path, stdlib_shards):
+    out = foundry(["launch", "node", *TINY, *data_args(stdlib_shards), f"train.run_dir={tmp_path}"])
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [(
+        "foundry: launch error: `foundry launch node` is the srun line of a batch script from `foundry launch slurm`: "
+        "outside SLURM use `foundry launch local`")], out.stderr
+
 # --- SLURM ---------------------------------------------------------------------------------------------------
 
 SLURM_CPU = ["launch.slurm.partition=cpu", "launch.slurm.gpus=false", "launch.slurm.cpus_per_node=2",

@@ -1,17 +1,22 @@
 """Multi-node jobs across hosts with their own addresses: network namespaces on this machine
-(tests/netns.py), one `foundry launch local` per node, c10d rendezvous on the first node."""
+(tests/netns.py), one `foundry launch local` per node, c10d rendezvous on the first node; and a
+SLURM cluster of two such hosts, a slurmd on each (tests/slurm_cluster.py)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.conftest import data_args, read_metrics, torchrun
+from tests import slurm_cluster
+from tests.conftest import REPO, data_args, read_metrics, torchrun
 from tests.netns import Nodes
+from tests.slurm_cluster import in_node, scontrol_job
 from tests.test_launch import _Launcher, _logged_steps, _steps_in, _wait_for
 
 MULTI = ["configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=8", "train.micro_batch_size=4",
@@ -20,12 +25,29 @@ MULTI = ["configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_ba
 PORT = 29400
 
 
-@pytest.fixture
-def nodes(request):
+def _need_root() -> None:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2 (`ip`): run the suite as root, as CI does")
+
+
+@pytest.fixture
+def nodes(request):
+    _need_root()
     with Nodes(request.param) as made:
         yield made
+
+
+@pytest.fixture
+def slurm_nodes(tmp_path):
+    """Two hosts, each running a slurmd (node0, node1), slurmctld on node0; yields them and slurm.conf."""
+    _need_root()
+    started = []
+    try:
+        with Nodes(2) as made:
+            conf, started = slurm_cluster.start(tmp_path / "slurm", made)
+            yield made, conf
+    finally:  # the namespaces' processes are killed with them; munged, if this started it, is not in one
+        slurm_cluster.stop(started)
 
 
 def _launch(nodes: Nodes, args: list[str]) -> list[_Launcher]:
@@ -106,3 +128,57 @@ def test_a_node_whose_link_goes_down_ends_the_job_within_the_timeout(nodes, tmp_
     ended = launchers[0].first("the job failed") - cut_at
     assert ended < timeout + 10, f"node 0 ended {ended:.1f} s after the link went down (timeout {timeout} s)"
     assert f"blame rank 1 (node {nodes.addresses[1]})" in out, out[-3000:]
+
+
+def test_a_two_node_slurm_job_meets_at_the_first_nodes_address_and_matches_one_node(slurm_nodes, tmp_path,
+                                                                                    stdlib_shards):
+    nodes, conf = slurm_nodes
+    args = [*MULTI, *data_args(stdlib_shards), "train.max_steps=8"]
+    submit = subprocess.run(
+        [*in_node(nodes), sys.executable, "-m", "pretrain.cli", "launch", "slurm", *args, "launch.nodes=2",
+         "launch.procs_per_node=1", "launch.slurm.gpus=false", "launch.slurm.time_minutes=10",
+         f"train.run_dir={tmp_path / 'multi'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "SLURM_CONF": str(conf)})
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    job = re.search(r"submitted job (\d+)", submit.stdout).group(1)
+    state = _wait_for(lambda: (s := scontrol_job(job, conf, nodes).get("JobState")) not in ("PENDING", "RUNNING")
+                      and s, 300, f"job {job} to end", poll=1)
+    log = (tmp_path / "multi" / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    # The node names (node0, node1) resolve nowhere: the rendezvous is at node0's SLURM NodeAddr.
+    assert f"rendezvous {nodes.addresses[0]}:29500" in log
+    for i, address in enumerate(nodes.addresses):
+        assert re.search(rf"node {i} of 2 \(\S+\): node address {re.escape(address)} on interface eth0 \| "
+                         rf"rendezvous {nodes.addresses[0]}:29500 \({nodes.addresses[0]}\), store hosted here: "
+                         f"{'yes' if i == 0 else 'no'}", log), log[-3000:]
+    torchrun(2, [*args, f"train.run_dir={tmp_path / 'single'}"])
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    assert len(multi) == len(single) == 8
+    for a, b in zip(multi, single):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-6, (a, b)
+
+
+_RESOLVE = """
+import sys
+from launch.network import resolve, NetworkError
+from pretrain.config import LaunchConfig
+try:
+    launch = LaunchConfig(nodes=2, rdzv_endpoint="127.0.1.1:29500", interface=sys.argv[1])
+    print(resolve(launch, first_node=True).describe())
+except NetworkError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("nodes", [1], indirect=True)
+def test_a_first_node_whose_name_resolves_to_loopback_needs_the_interface(nodes):
+    def resolve_on_node(interface: str) -> str:
+        return subprocess.run([*in_node(nodes), sys.executable, "-c", _RESOLVE, interface], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    # As on Debian, where a node's own name is 127.0.1.1: the route to it says nothing the other nodes can use.
+    assert resolve_on_node("").startswith("the rendezvous host '127.0.1.1' is 127.0.1.1 (loopback) on this node, "
+                                          "which the other nodes cannot reach: set launch.interface to the network "
+                                          "the nodes share (one of eth0, lo)")
+    assert resolve_on_node("eth0") == (f"node address {nodes.addresses[0]} on interface eth0 | rendezvous "
+                                       f"127.0.1.1:29500 (127.0.1.1), store hosted here: yes")
