@@ -51,6 +51,9 @@ def resolve(launch: LaunchConfig, first_node: bool | None = None) -> NodeNetwork
     """This node's view of a multi-node job (launch.rdzv_endpoint set). `first_node`: whether this node hosts the
     rendezvous store, when the scheduler says so (SLURM's node 0); None: this node's address decides."""
     host, _, port = launch.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise NetworkError(f"launch.rdzv_endpoint={launch.rdzv_endpoint!r} is not HOST:PORT (under SLURM: the batch "
+                           f"script found no NodeAddr for the first node in `scontrol show node`)")
     try:
         rendezvous_ip = socket.gethostbyname(host)
     except OSError as e:
