@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="local CONFIG...: torchrun on this node (with launch.nodes > 1, run the same command on every "
         "node), relaunching a failed job launch.max_restarts times. slurm CONFIG...: check the cluster, write "
         "RUN_DIR/job.sbatch and submit it (--dry-run: print it). status RUN_DIR: the job, its state and the "
-        "last logged step. node CONFIG...: the batch script's srun line on each node (derive and log the node's address "
-        "and interface, then run torchrun). requeue RUN_DIR: the batch script's last line. Keys: [launch] in `foundry train --help`.",
+        "last logged step. node CONFIG...: the batch script's srun line on each node (derive and log the node's "
+        "address and interface, then run torchrun). requeue RUN_DIR: the batch script's last line. Keys: [launch] in "
+        "`foundry train --help`.",
     )
     launch.add_argument("mode", choices=["local", "slurm", "status", "requeue", "node"])
     launch.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value | RUN_DIR")
