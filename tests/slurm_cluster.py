@@ -137,6 +137,11 @@ def stop(pids: list[int]) -> None:
 
 def scontrol_job(job_id: str, conf: Path, nodes: Nodes | None = None) -> dict[str, str]:
     out = subprocess.run([*in_node(nodes), "scontrol", "show", "job", "--oneliner", job_id], capture_output=True,
-                         text=True,
-                         env={**os.environ, "SLURM_CONF": str(conf)})
+                         text=True, env={**os.environ, "SLURM_CONF": str(conf)})
     return dict(kv.split("=", 1) for kv in out.stdout.split() if "=" in kv)
+
+
+def job_ended(job_id: str, conf: Path, nodes: Nodes | None = None) -> str | None:
+    """The job's final state, or None while it may still run (COMPLETING is not final: its log is not whole yet)."""
+    state = scontrol_job(job_id, conf, nodes).get("JobState")
+    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None

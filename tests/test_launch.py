@@ -20,7 +20,7 @@ from launch.slurm import render_script
 from pretrain.config import load_config
 from pretrain.stop import read_status
 from tests.conftest import REPO, data_args, foundry, read_metrics
-from tests.slurm_cluster import scontrol_job
+from tests.slurm_cluster import job_ended, scontrol_job
 
 TINY = [
     "configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=16", "train.micro_batch_size=8",
@@ -187,15 +187,10 @@ def _submit(args: list[str]) -> str:
     return re.search(r"submitted job (\d+)", out.stdout).group(1)
 
 
-def _job_done(job_id: str, conf: Path) -> str | None:
-    state = scontrol_job(job_id, conf).get("JobState")
-    return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
-
-
 def test_a_slurm_job_trains_with_falling_loss(slurm, tmp_path, stdlib_shards):
     run_dir = tmp_path / "run"
     job = _submit([*TINY, *data_args(stdlib_shards), *SLURM_CPU, "train.max_steps=40", f"train.run_dir={run_dir}"])
-    assert _wait_for(lambda: _job_done(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
+    assert _wait_for(lambda: job_ended(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
     log = (run_dir / f"slurm-{job}.out").read_text()
     losses = [float(x) for x in re.findall(r"\] step \d+/40 \| loss ([\d.]+)", log)]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
@@ -219,7 +214,7 @@ def test_the_time_limit_signal_saves_requeues_and_resumes_with_no_step_run_twice
     assert "stopped at step" in status and "(by SIGUSR1)" in status, status
     # SLURM holds a requeued job for two minutes before it may start again; skip the wait.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    assert _wait_for(lambda: _job_done(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
+    assert _wait_for(lambda: job_ended(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
 
     log = (run_dir / f"slurm-{job}.out").read_text()  # both attempts, appended
     stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+) of 100", log).group(1))

@@ -16,7 +16,7 @@ import pytest
 from tests import slurm_cluster
 from tests.conftest import REPO, data_args, read_metrics, torchrun
 from tests.netns import Nodes
-from tests.slurm_cluster import in_node, scontrol_job
+from tests.slurm_cluster import in_node, job_ended
 from tests.test_launch import _Launcher, _logged_steps, _steps_in, _wait_for
 
 MULTI = ["configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=8", "train.micro_batch_size=4",
@@ -141,8 +141,7 @@ def test_a_two_node_slurm_job_meets_at_the_first_nodes_address_and_matches_one_n
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "SLURM_CONF": str(conf)})
     assert submit.returncode == 0, submit.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", submit.stdout).group(1)
-    state = _wait_for(lambda: (s := scontrol_job(job, conf, nodes).get("JobState")) not in ("PENDING", "RUNNING")
-                      and s, 300, f"job {job} to end", poll=1)
+    state = _wait_for(lambda: job_ended(job, conf, nodes), 300, f"job {job} to end", poll=1)
     log = (tmp_path / "multi" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
     # The node names (node0, node1) resolve nowhere: the rendezvous is at node0's SLURM NodeAddr.
