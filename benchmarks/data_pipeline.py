@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import tokenizer as tk
-from data.prepare import PrepareOptions, find_inputs, prepare, read_documents
-from data.stream import ShardLoader, open_dataset, read_shard
+from foundry.data import tokenizer as tk
+from foundry.data.prepare import PrepareOptions, find_inputs, prepare, read_documents
+from foundry.data.stream import ShardLoader, open_dataset, read_shard
 
 SEQ, MICRO = 2048, 8
 

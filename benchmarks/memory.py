@@ -7,8 +7,8 @@
 Results and what they say about DeepSpeed's internals: benchmarks/RESULTS.md.
 
 Every cell is a real run: torchrun launches dp x tp processes (gloo on CPU, one thread each) of
-this file's worker, which builds the model and the engine as the trainer does (parallel.topology,
-parallel.parallelize, pretrain.engine), runs two optimizer steps of two micro-batches each (the
+this file's worker, which builds the model and the engine as the trainer does (foundry.parallel.topology,
+foundry.parallel.parallelize, foundry.pretrain.engine), runs two optimizer steps of two micro-batches each (the
 first creates the optimizer state) and counts, on each rank during the second, the bytes of the
 tensors it holds, by what holds them:
 
@@ -47,11 +47,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
-
-from parallel.planner import SELECTIVE_INTERVAL, Layout, Memory, ModelShape, estimate  # noqa: E402
-from pretrain.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
-from pretrain.model import num_parameters  # noqa: E402
+from foundry.parallel.planner import SELECTIVE_INTERVAL, Layout, Memory, ModelShape, estimate
+from foundry.pretrain.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from foundry.pretrain.model import num_parameters  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=512, hidden_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
                     ffn_hidden_size=2048, max_seq_len=64)
@@ -156,10 +154,10 @@ def census(engine: Any, model: torch.nn.Module, others: bool = False) -> dict[st
 def worker(zero: int, tp: int, precision: str, reduce_bucket: int, out: str) -> None:
     import torch.distributed as dist
 
-    from parallel.parallelize import parallelize
-    from parallel.topology import Layout as TrainerLayout, Topology
-    from pretrain import engine as ds_engine
-    from pretrain.model import Llama
+    from foundry.parallel.parallelize import parallelize
+    from foundry.parallel.topology import Layout as TrainerLayout, Topology
+    from foundry.pretrain import engine as ds_engine
+    from foundry.pretrain.model import Llama
 
     ds_engine.init_distributed(torch.device("cpu"))
     world = dist.get_world_size()
@@ -228,7 +226,7 @@ def run_cell(zero: int, dp: int, args: argparse.Namespace) -> list[dict[str, Any
 def tensor_parallel_missing() -> str | None:
     """Why tp > 1 cannot run here, or None when parallel/ provides it."""
     try:
-        from parallel.tensor import apply_tensor_parallel  # noqa: F401
+        from foundry.parallel.tensor import apply_tensor_parallel  # noqa: F401
     except ImportError as e:
         return f"tensor parallelism is not available yet ({e})"
     return None
@@ -295,11 +293,11 @@ def activations() -> str:
     """Bytes a bf16 Llama keeps from forward for backward, next to the planner's: one block per
     (kv heads, MLP width) of Llama 3 8B at s=4096, b=2, then a 4-block model with its head and
     loss, without the planner's recompute working set (it lives in backward only)."""
-    from parallel.parallelize import apply_activation_checkpointing
-    from pretrain.kernels import cross_entropy
-    from parallel.planner import PRECISIONS, activation_bytes, layer_activation_bytes
-    from pretrain.config import load_model_config
-    from pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
+    from foundry.parallel.parallelize import apply_activation_checkpointing
+    from foundry.pretrain.kernels import cross_entropy
+    from foundry.parallel.planner import PRECISIONS, activation_bytes, layer_activation_bytes
+    from foundry.pretrain.config import load_model_config
+    from foundry.pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
 
     base = load_model_config(str(REPO / "configs/models/llama3-8b.yaml"))
     device, bf16 = torch.device("cuda"), torch.bfloat16

@@ -7,7 +7,7 @@
 Three contenders train the same model (same config, batch, sequence length, precision, AdamW with
 the same hyper-parameters, gradient clipping at 1.0) on the same random tokens:
 
-- foundry: pretrain.model.Llama through the DeepSpeed engine exactly as the trainer builds it
+- foundry: foundry.pretrain.model.Llama through the DeepSpeed engine exactly as the trainer builds it
   (pretrain/engine.py: ZeRO stage 1, torch AdamW, WarmupCosineLR, bf16 master weights on GPU);
 - plain PyTorch: the same Llama module in a hand-written loop (torch.optim.AdamW, fused on GPU,
   torch.autocast for bf16), the reference for the framework's overhead;
@@ -35,15 +35,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain import engine as ds_engine  # noqa: E402
-from pretrain.config import ParallelConfig, TrainConfig, load_model_config  # noqa: E402
-from pretrain.convert import to_hf_config  # noqa: E402
-from pretrain.flops import device_peak_flops, flops_per_token, mfu  # noqa: E402
-from pretrain.kernels import attention_path  # noqa: E402
-from pretrain.metrics import peak_memory_gib  # noqa: E402
-from pretrain.model import Llama  # noqa: E402
+from foundry.pretrain import engine as ds_engine
+from foundry.pretrain.config import ParallelConfig, TrainConfig, load_model_config
+from foundry.pretrain.convert import to_hf_config
+from foundry.pretrain.flops import device_peak_flops, flops_per_token, mfu
+from foundry.pretrain.kernels import attention_path
+from foundry.pretrain.metrics import peak_memory_gib
+from foundry.pretrain.model import Llama
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 

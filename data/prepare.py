@@ -27,8 +27,8 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from data import tokenizer as tk
-from data.tokenizer import DataError
+from foundry.data import tokenizer as tk
+from foundry.data.tokenizer import DataError
 
 log = logging.getLogger("foundry")
 

@@ -38,8 +38,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.prepare import FORMAT, MANIFEST
-from data.tokenizer import DataError
+from foundry.data.prepare import FORMAT, MANIFEST
+from foundry.data.tokenizer import DataError
 
 log = logging.getLogger("foundry")
 

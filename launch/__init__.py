@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from pretrain.checkpoint import write_atomic
+from foundry.pretrain.checkpoint import write_atomic
 
 JOB_FILE = "launch.json"  # which job trains a run directory: written at launch, read by `foundry launch status`
 

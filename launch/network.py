@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from pretrain.config import LaunchConfig
+from foundry.pretrain.config import LaunchConfig
 
 
 class NetworkError(ValueError):

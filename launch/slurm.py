@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from launch import record_job
-from launch.network import resolve
-from launch.torchrun import TORCHRUN_ENV, torchrun_command
-from pretrain.config import RunConfig
-from pretrain.stop import read_status
+from foundry.launch import record_job
+from foundry.launch.network import resolve
+from foundry.launch.torchrun import TORCHRUN_ENV, torchrun_command
+from foundry.pretrain.config import RunConfig
+from foundry.pretrain.stop import read_status
 
 log = logging.getLogger("foundry.launch")
 
@@ -77,7 +77,7 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
         if any(ord(c) < 32 or c == "\x7f" for c in value):
             raise LaunchError(f"{what} ({value!r}) contains a line break or control character, which a batch "
                               f"script cannot carry safely: remove it")
-    node = [python, "-m", "pretrain.cli", "launch", "node", str(config_path),
+    node = [python, "-m", "foundry.launch.cli", "launch", "node", str(config_path),
             f"launch.rdzv_endpoint=$head_addr:{la.rdzv_port}"]
     lines = [
         "#!/bin/bash",
@@ -97,7 +97,7 @@ def render_script(cfg: RunConfig, config_path: Path, workdir: Path, python: str 
         "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
         "  " + _shell_join(node),
         "# Requeues the job if training stopped for the time-limit warning; it resumes from its checkpoint.",
-        shlex.join([python, "-m", "pretrain.cli", "launch", "requeue", str(run_dir)]),
+        shlex.join([python, "-m", "foundry.launch.cli", "launch", "requeue", str(run_dir)]),
         "",
     ]
     return "\n".join(lines)

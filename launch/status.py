@@ -7,10 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from launch import JOB_FILE
-from launch.slurm import job_state
-from pretrain.checkpoint import find_latest
-from pretrain.stop import read_status
+from foundry.launch import JOB_FILE
+from foundry.launch.slurm import job_state
+from foundry.pretrain.checkpoint import find_latest
+from foundry.pretrain.stop import read_status
 
 
 def describe(run_dir: Path) -> list[str]:

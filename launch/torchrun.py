@@ -23,12 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-from launch import record_job
-from launch.network import NodeNetwork, resolve
-from pretrain.checkpoint import find_latest
-from pretrain.config import ConfigError, LaunchConfig
-from pretrain.metrics import duration
-from pretrain.stop import STOP_SIGNALS, read_status
+from foundry.launch import record_job
+from foundry.launch.network import NodeNetwork, resolve
+from foundry.pretrain.checkpoint import find_latest
+from foundry.pretrain.config import ConfigError, LaunchConfig
+from foundry.pretrain.metrics import duration
+from foundry.pretrain.stop import STOP_SIGNALS, read_status
 
 log = logging.getLogger("foundry.launch")
 
@@ -48,7 +48,7 @@ def torchrun_command(launch: LaunchConfig, config_path: str, *, endpoint: str, r
     return [python, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={launch.procs_per_node}",
             # The workers' grace to save after a stop signal, before torchrun kills them.
             f"--shutdown-timeout={launch.grace_seconds}",
-            "-m", "pretrain.cli", "train", config_path]
+            "-m", "foundry.launch.cli", "train", config_path]
 
 
 def check_endpoint(launch: LaunchConfig) -> None:

@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from parallel.pipeline import build_pipeline_module
-from parallel.tensor import apply_tensor_parallel
-from parallel.topology import Topology
-from pretrain.config import ParallelConfig
-from pretrain.kernels import cross_entropy
-from pretrain.model import Llama
+from foundry.parallel.pipeline import build_pipeline_module
+from foundry.parallel.tensor import apply_tensor_parallel
+from foundry.parallel.topology import Topology
+from foundry.pretrain.config import ParallelConfig
+from foundry.pretrain.kernels import cross_entropy
+from foundry.pretrain.model import Llama
 
 log = logging.getLogger("foundry")
 

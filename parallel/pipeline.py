@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pretrain.model import Llama, TransformerBlock
+from foundry.pretrain.model import Llama, TransformerBlock
 
 log = logging.getLogger("foundry")
 

@@ -57,8 +57,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig
-from pretrain.model import TransformerBlock
+from foundry.pretrain.config import ConfigError, ModelConfig, ParallelConfig
+from foundry.pretrain.model import TransformerBlock
 
 GIB = 2**30
 HEADROOM = 0.10  # of each GPU's memory, kept free for fragmentation and what is left out above
@@ -306,9 +306,9 @@ def layouts(cfg: ModelConfig, gpus: int, global_batch: Optional[int] = None) -> 
     """Every layout worth considering on `gpus` GPUs: tp a power of two up to a node, pp dividing
     the layers, ZeRO 0-3, micro-batch in MICRO_BATCHES (dividing each data-parallel rank's share
     of the global batch, when given), each checkpointing mode; and only what the trainer accepts
-    (parallel.topology.Layout.from_config: tp divides the heads and the MLP, ZeRO 0-1 under
+    (foundry.parallel.topology.Layout.from_config: tp divides the heads and the MLP, ZeRO 0-1 under
     pipelining). ZeRO > 0 is skipped when dp = 1: partitioning over one rank saves nothing."""
-    from parallel.topology import Layout as TrainerLayout
+    from foundry.parallel.topology import Layout as TrainerLayout
 
     for tp, pp in ((t, p) for t in (1, 2, 4, 8) for p in range(1, cfg.num_layers + 1)):
         if tp > MAX_TP or gpus % (tp * pp) or cfg.num_layers % pp:

@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism, applied to a plain `pretrain.model.Llama` from outside.
+"""Megatron-style tensor parallelism, applied to a plain `foundry.pretrain.model.Llama` from outside.
 
 Each linear layer's weight is split across the tensor-parallel (tp) group:
 - column-parallel (q/k/v, gate/up, the output head): output features split, each rank computes
@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.kernels import rms_norm
-from pretrain.model import Attention, FeedForward, Llama, RMSNorm
+from foundry.pretrain.kernels import rms_norm
+from foundry.pretrain.model import Attention, FeedForward, Llama, RMSNorm
 
 Group = Any
 

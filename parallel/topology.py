@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pretrain.config import ConfigError, ModelConfig, ParallelConfig, divisors
+from foundry.pretrain.config import ConfigError, ModelConfig, ParallelConfig, divisors
 
 
 @dataclass(frozen=True)

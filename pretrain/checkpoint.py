@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pretrain.model import VOCAB_PARAMS
+from foundry.pretrain.model import VOCAB_PARAMS
 
 log = logging.getLogger("foundry")
 
@@ -318,7 +318,7 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
     layout-free copy. Collective-free: each rank reads files."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    from parallel.tensor import pad_vocab_rows
+    from foundry.parallel.tensor import pad_vocab_rows
 
     by_name, scheduler = _read_universal(tag_dir)
     zero = engine.optimizer

@@ -176,7 +176,7 @@ class CheckpointConfig:
     )
     save_consolidated: bool = _help(
         False, "at the end, also gather the whole model into run_dir/model.pt, a plain fp32 state dict of "
-        "pretrain.model.Llama (rank 0 holds it all in memory: small models only)"
+        "foundry.pretrain.model.Llama (rank 0 holds it all in memory: small models only)"
     )
     continue_on_save_error: bool = _help(
         False, "when a save fails (disk full, no permission), log it and train on instead of stopping; the previous "
@@ -456,7 +456,7 @@ def redact_uri(uri: str | None) -> str | None:
 
 def public(cfg: RunConfig) -> RunConfig:
     """A copy of `cfg` that is safe to write down: the tracking URI's password redacted. (The password reaches
-    the processes that need it through the environment: pretrain.tracking.credentials_to_env.)"""
+    the processes that need it through the environment: foundry.pretrain.tracking.credentials_to_env.)"""
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=redact_uri(cfg.tracking.uri)))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pretrain.config import ConfigError, ModelConfig, RopeScalingConfig
+from foundry.pretrain.config import ConfigError, ModelConfig, RopeScalingConfig
 
 SHARD_BYTES = 5 * 2**30
 
@@ -70,7 +70,7 @@ def from_hf_config(config: dict) -> ModelConfig:
 
 
 def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, tokenizer: Path | None = None) -> None:
-    """Write a Hugging Face Llama directory from a plain state dict of pretrain.model.Llama."""
+    """Write a Hugging Face Llama directory from a plain state dict of foundry.pretrain.model.Llama."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.config import ParallelConfig, TrainConfig
+from foundry.pretrain.config import ParallelConfig, TrainConfig
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -23,7 +23,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: int, precision: str,
                      optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`optimizer`: the AdamW implementation's settings (pretrain.kernels.optimizer_params); default torch's."""
+    """`optimizer`: the AdamW implementation's settings (foundry.pretrain.kernels.optimizer_params); default torch's."""
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,

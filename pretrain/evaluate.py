@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.stream import Dataset, read_shard
-from data.tokenizer import DataError
-from parallel.topology import Topology
-from pretrain.kernels import cross_entropy
+from foundry.data.stream import Dataset, read_shard
+from foundry.data.tokenizer import DataError
+from foundry.parallel.topology import Topology
+from foundry.pretrain.kernels import cross_entropy
 
 log = logging.getLogger("foundry")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
-from pretrain.model import num_parameters
+from foundry.pretrain.config import ModelConfig
+from foundry.pretrain.model import num_parameters
 
 # Dense bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets (no sparsity).
 PEAK_BF16_FLOPS = {

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from data import tokenizer as tk
+from foundry.data import tokenizer as tk
 
-from pretrain.checkpoint import CheckpointError, full_weights, verify
-from pretrain.config import ModelConfig, RopeScalingConfig
-from pretrain.model import KVCache, Llama
+from foundry.pretrain.checkpoint import CheckpointError, full_weights, verify
+from foundry.pretrain.config import ModelConfig, RopeScalingConfig
+from foundry.pretrain.model import KVCache, Llama
 
 TOKENIZER = "tokenizer.json"  # saved into each checkpoint, so a checkpoint decodes on its own
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ConfigError, KernelConfig
+from foundry.pretrain.config import ConfigError, KernelConfig
 
 log = logging.getLogger(__name__)
 

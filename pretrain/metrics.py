@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint import write_atomic
-from pretrain.flops import mfu
+from foundry.pretrain.checkpoint import write_atomic
+from foundry.pretrain.flops import mfu
 
 log = logging.getLogger("foundry")
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ModelConfig
-from pretrain.kernels import Documents, attention, cross_entropy, head_cross_entropy, rms_norm
+from foundry.pretrain.config import ModelConfig
+from foundry.pretrain.kernels import Documents, attention, cross_entropy, head_cross_entropy, rms_norm
 
 # Parameters with one row per vocabulary entry (padded when the vocabulary is split across ranks).
 VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")

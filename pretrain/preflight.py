@@ -11,13 +11,13 @@ import json
 import stat
 from pathlib import Path
 
-from data.stream import Dataset, check_compatible, check_readers, open_dataset
-from data.tokenizer import DataError
-from parallel.topology import Layout
-from pretrain import kernels
-from pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
-from pretrain.convert import from_hf_config
-from pretrain.evaluate import check_size
+from foundry.data.stream import Dataset, check_compatible, check_readers, open_dataset
+from foundry.data.tokenizer import DataError
+from foundry.parallel.topology import Layout
+from foundry.pretrain import kernels
+from foundry.pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
+from foundry.pretrain.convert import from_hf_config
+from foundry.pretrain.evaluate import check_size
 
 
 def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, int]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import write_atomic
+from foundry.pretrain.checkpoint import write_atomic
 
 log = logging.getLogger("foundry")
 

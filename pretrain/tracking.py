@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from pretrain.config import REDACTED, TrackingConfig
+from foundry.pretrain.config import REDACTED, TrackingConfig
 
 log = logging.getLogger("foundry")
 

@@ -2,7 +2,7 @@
 
 Launch with torchrun (one process per device), e.g. 2 CPU processes:
 
-    torchrun --standalone --nproc-per-node 2 -m pretrain.cli train configs/models/tiny.yaml configs/quickstart.yaml
+    torchrun --standalone --nproc-per-node 2 -m foundry.launch.cli train configs/models/tiny.yaml configs/quickstart.yaml
 
 Rank 0 writes the resolved config (`config.yaml`) and one JSON line per logged step
 (`metrics.jsonl`) into `train.run_dir`; checkpoints go to `run_dir/checkpoints`.
@@ -23,24 +23,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.stream import ShardLoader, merge_states
-from parallel.consolidate import full_state_dict
-from parallel.parallelize import parallelize
-from parallel.topology import Layout, Topology
-from pretrain import checkpoint, kernels
-from pretrain import engine as ds_engine
-from pretrain.config import RunConfig, public, to_yaml
-from pretrain.convert import load_hf
-from pretrain.flops import device_peak_flops, flops_per_token
-from pretrain.generate import TOKENIZER
-from pretrain.guard import StepGuard, TooManyBadSteps, attach
-from pretrain.evaluate import Evaluator, report
-from pretrain.metrics import StepLogger, drop_records_after, duration
-from pretrain.model import Llama, num_parameters
-from pretrain.preflight import preflight, validation_sets
-from pretrain.stop import StopRequest, write_status
-from pretrain.tracking import Tracker, flatten, git_commit
-from pretrain.watchdog import Watchdog
+from foundry.data.stream import ShardLoader, merge_states
+from foundry.parallel.consolidate import full_state_dict
+from foundry.parallel.parallelize import parallelize
+from foundry.parallel.topology import Layout, Topology
+from foundry.pretrain import checkpoint, kernels
+from foundry.pretrain import engine as ds_engine
+from foundry.pretrain.config import RunConfig, public, to_yaml
+from foundry.pretrain.convert import load_hf
+from foundry.pretrain.flops import device_peak_flops, flops_per_token
+from foundry.pretrain.generate import TOKENIZER
+from foundry.pretrain.guard import StepGuard, TooManyBadSteps, attach
+from foundry.pretrain.evaluate import Evaluator, report
+from foundry.pretrain.metrics import StepLogger, drop_records_after, duration
+from foundry.pretrain.model import Llama, num_parameters
+from foundry.pretrain.preflight import preflight, validation_sets
+from foundry.pretrain.stop import StopRequest, write_status
+from foundry.pretrain.tracking import Tracker, flatten, git_commit
+from foundry.pretrain.watchdog import Watchdog
 
 log = logging.getLogger("foundry")
 

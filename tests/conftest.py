@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.config import ModelConfig
+from foundry.pretrain.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def tiny() -> ModelConfig:
 @pytest.fixture(scope="session")
 def stdlib_shards(tmp_path_factory) -> Path:
     """A few stdlib packages prepared into small shards with a 512-token BPE (the tiny preset's vocabulary)."""
-    from data.prepare import PrepareOptions, prepare
+    from foundry.data.prepare import PrepareOptions, prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("stdlib_shards")
@@ -41,7 +41,7 @@ def data_args(shards: Path) -> list[str]:
     return [f"data.datasets=[{{path: {shards}}}]", "data.streams=4", "eval.datasets=[]"]
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 300, module: str = "pretrain.cli", check: bool = True,
+def torchrun(nproc: int, args: list[str], timeout: float = 300, module: str = "foundry.launch.cli", check: bool = True,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m MODULE train ARGS` in the repo; raises on failure if `check`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -79,14 +79,14 @@ def slurm(tmp_path_factory) -> Path:
 
 def foundry(args: list[str], timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """`foundry ARGS` in the repo (not raising on failure)."""
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "foundry.launch.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **popen.pop("env", {})}, **popen)
 
 
 @pytest.fixture(scope="session")
 def val_shards(stdlib_shards, tmp_path_factory) -> Path:
     """A validation set prepared like the training data, with its tokenizer, from other files (xml, csv)."""
-    from data.prepare import PrepareOptions, prepare
+    from foundry.data.prepare import PrepareOptions, prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("val_shards")

@@ -13,10 +13,10 @@ import sys
 
 from torch import nn
 
-from data.stream import ShardLoader
-from pretrain.cli import main
-from pretrain.config import load_config
-from pretrain.model import TransformerBlock
+from foundry.data.stream import ShardLoader
+from foundry.launch.cli import main
+from foundry.pretrain.config import load_config
+from foundry.pretrain.model import TransformerBlock
 
 _armed = [False]  # the next poisonable output is poisoned
 

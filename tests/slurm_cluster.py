@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pretrain.engine import free_port
+from foundry.pretrain.engine import free_port
 from tests.netns import Nodes
 
 DAEMONS = ("munged", "slurmctld", "slurmd")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import MARKER, POINTER, CheckpointError, tag_for, verify
+from foundry.pretrain.checkpoint import MARKER, POINTER, CheckpointError, tag_for, verify
 from tests.conftest import REPO, data_args, read_metrics, torchrun
 
 STEPS = 10
@@ -43,7 +43,7 @@ def killed_run(tmp_path_factory, stdlib_shards) -> Path:
     """A run saving at every step, SIGKILLed while a save is half-written."""
     run_dir = tmp_path_factory.mktemp("killed")
     ckpt = run_dir / "checkpoints"
-    cmd = [sys.executable, "-m", "pretrain.cli", "train", *COMMON, *data_args(stdlib_shards), "train.max_steps=400",
+    cmd = [sys.executable, "-m", "foundry.launch.cli", "train", *COMMON, *data_args(stdlib_shards), "train.max_steps=400",
            "tracking.mlflow=false",
            "checkpoint.interval=1", "data.workers=0", f"train.run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
@@ -130,7 +130,7 @@ def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shard
 
 
 def test_resharding_from_zero_3_is_refused(tmp_path):
-    from pretrain.checkpoint import load
+    from foundry.pretrain.checkpoint import load
 
     tag_dir = tmp_path / tag_for(5)
     tag_dir.mkdir()

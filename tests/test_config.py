@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pretrain.cli import main
-from pretrain.config import ConfigError, RunConfig, load_config, reference
+from foundry.launch.cli import main
+from foundry.pretrain.config import ConfigError, RunConfig, load_config, reference
 from tests.conftest import data_args
 
 
@@ -55,7 +55,7 @@ def test_bad_config_fails_with_one_line_naming_key_and_fix(override, names, caps
 
 
 def test_layout_that_cannot_split_the_batch_is_rejected(tiny_args):
-    from pretrain.config import check_world_size
+    from foundry.pretrain.config import check_world_size
 
     cfg = load_config(tiny_args[:2], [*tiny_args[2:], "train.global_batch_size=16", "train.micro_batch_size=4"])
     assert check_world_size(cfg.train, 2) == 2
@@ -66,7 +66,7 @@ def test_layout_that_cannot_split_the_batch_is_rejected(tiny_args):
 def test_bad_config_fails_before_deepspeed_is_imported(tiny_args):
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from pretrain.cli import main; rc = main(sys.argv[1:]);"
+        [sys.executable, "-c", "import sys; from foundry.launch.cli import main; rc = main(sys.argv[1:]);"
          "assert 'deepspeed' not in sys.modules; sys.exit(rc)",
          "train", *tiny_args, "model.num_kv_heads=3"],
         capture_output=True, text=True,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pretrain.config import ConfigError, RunConfig, load_config
+from foundry.pretrain.config import ConfigError, RunConfig, load_config
 
 BASE = ["configs/models/tiny.yaml", "configs/quickstart.yaml"]
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain.cli import main
-from pretrain.config import ModelConfig, RunConfig, load_model_config, to_yaml
-from pretrain.model import Llama
+from foundry.launch.cli import main
+from foundry.pretrain.config import ModelConfig, RunConfig, load_model_config, to_yaml
+from foundry.pretrain.model import Llama
 from tests.conftest import data_args, read_metrics, torchrun
 
 # Grouped-query attention, untied embeddings, and a vocabulary (301) not divisible by tp=2.
@@ -53,7 +53,7 @@ def test_import_then_export_round_trips_every_tensor(run_dir, tmp_path):
     assert main(["convert", "export", str(run_dir), "--out", str(first)]) == 0
     assert main(["convert", "import", str(first), "--out", str(tmp_path / "model.yaml")]) == 0
     assert load_model_config(str(tmp_path / "model.yaml")) == CFG
-    from pretrain.convert import load_hf, save_hf
+    from foundry.pretrain.convert import load_hf, save_hf
 
     cfg, state = load_hf(first)
     save_hf(state, cfg, again)
@@ -66,7 +66,7 @@ def test_imported_weights_start_every_layout_alike(tmp_path, stdlib_shards):
     torch.manual_seed(1)
     tiny = load_model_config("configs/models/tiny.yaml")
     hf_dir = tmp_path / "hf"
-    from pretrain.convert import save_hf
+    from foundry.pretrain.convert import save_hf
 
     save_hf(Llama(tiny).state_dict(), tiny, hf_dir)
     common = ["configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards), "train.max_steps=2",
@@ -82,7 +82,7 @@ def test_imported_weights_start_every_layout_alike(tmp_path, stdlib_shards):
 
 
 def test_init_from_with_another_architecture_is_refused(tmp_path, stdlib_shards, capsys):
-    from pretrain.convert import save_hf
+    from foundry.pretrain.convert import save_hf
 
     save_hf(Llama(CFG).state_dict(), CFG, tmp_path / "hf")
     rc = main(["train", "configs/models/tiny.yaml", "configs/quickstart.yaml", *data_args(stdlib_shards),

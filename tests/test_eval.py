@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.stream import open_dataset
-from pretrain.checkpoint import full_weights, tag_for
-from pretrain.config import load_config
-from pretrain.evaluate import eval_windows
-from pretrain.model import Llama
+from foundry.data.stream import open_dataset
+from foundry.pretrain.checkpoint import full_weights, tag_for
+from foundry.pretrain.config import load_config
+from foundry.pretrain.evaluate import eval_windows
+from foundry.pretrain.model import Llama
 from tests.conftest import REPO, data_args, foundry, read_metrics, torchrun
 
 SEQ, TOKENS = 64, 1344  # 21 windows: under dp 2 one rank has 11, the other 10 and a padding window
@@ -40,7 +40,7 @@ def trained(tmp_path_factory, stdlib_shards, val_shards):
 
 def _foundry_eval(nproc: int, run_dir, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pretrain.cli", "eval", str(run_dir), *overrides]
+           "-m", "foundry.launch.cli", "eval", str(run_dir), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

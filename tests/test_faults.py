@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import POINTER, tag_for, verify
-from pretrain.stop import read_status
+from foundry.pretrain.checkpoint import POINTER, tag_for, verify
+from foundry.pretrain.stop import read_status
 from tests.conftest import data_args, read_metrics, torchrun
 from tests.test_launch import TINY, _Launcher, _logged_steps, _wait_for, _workers
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import load_model_config
-from pretrain.flops import device_peak_flops, flops_per_token, mfu
-from pretrain.model import Llama, num_parameters
+from foundry.pretrain.config import load_model_config
+from foundry.pretrain.flops import device_peak_flops, flops_per_token, mfu
+from foundry.pretrain.model import Llama, num_parameters
 
 # Parameter counts published with the Hugging Face checkpoints (model cards / safetensors index).
 PUBLISHED_PARAMS = {

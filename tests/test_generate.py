@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.generate import generate, next_token
-from pretrain.model import KVCache, Llama
+from foundry.pretrain.generate import generate, next_token
+from foundry.pretrain.model import KVCache, Llama
 
 
 def test_greedy_generation_with_the_kv_cache_equals_recomputing_the_sequence(tiny):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import kernels
-from pretrain.config import ConfigError, KernelConfig
-from pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
+from foundry.pretrain import kernels
+from foundry.pretrain.config import ConfigError, KernelConfig
+from foundry.pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
 from tests.conftest import data_args, read_metrics, torchrun
 
 
@@ -110,7 +110,7 @@ def short_documents(tmp_path_factory, stdlib_shards) -> Path:
     import json
     import sysconfig
 
-    from data.prepare import PrepareOptions, prepare
+    from foundry.data.prepare import PrepareOptions, prepare
 
     root = tmp_path_factory.mktemp("short_documents")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -163,7 +163,7 @@ def test_document_masking_gives_each_packed_document_the_logits_it_has_alone(tin
 
 
 def test_document_positions_restart_after_each_end_token():
-    from pretrain.model import document_positions
+    from foundry.pretrain.model import document_positions
 
     tokens = torch.tensor([[5, 1, 0, 4, 4, 0, 3], [0, 2, 2, 2, 0, 0, 9]])
     documents, positions = document_positions(tokens, end=0)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.stream import windows_taken
-from launch.slurm import render_script
-from pretrain.config import load_config
-from pretrain.stop import read_status
+from foundry.data.stream import windows_taken
+from foundry.launch.slurm import render_script
+from foundry.pretrain.config import load_config
+from foundry.pretrain.stop import read_status
 from tests.conftest import REPO, data_args, foundry, read_metrics
 from tests.slurm_cluster import job_ended, scontrol_job
 
@@ -56,7 +56,7 @@ class _Launcher:
 
     def __init__(self, args: list[str], prefix: list[str] = []):
         """`prefix`: what runs the command, e.g. `ip netns exec NODE` (tests/netns.py)."""
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pretrain.cli", "launch", "local", *args], cwd=REPO,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "foundry.launch.cli", "launch", "local", *args], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.lines: list[tuple[float, str]] = []
@@ -83,7 +83,7 @@ def _workers(run_dir: Path) -> dict[int, int]:
         except OSError:
             continue
         # The training process itself (not torchrun, not its loader workers, which share its command line).
-        if str(run_dir / "config.yaml").encode() in cmd and b"pretrain.cli" in cmd and b"RANK" in env \
+        if str(run_dir / "config.yaml").encode() in cmd and b"foundry.launch.cli" in cmd and b"RANK" in env \
                 and b"torch.distributed.run" not in cmd and int(env.get(b"LOCAL_RANK", b"-1")) >= 0:
             rank = int(env[b"RANK"])
             found[rank] = min(found.get(rank, 1 << 30), int(pid))  # the loader workers are its children
@@ -144,7 +144,7 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_does_not_relaunch(tmp_pa
 
 def test_two_nodes_meet_through_the_rendezvous_endpoint(tmp_path, stdlib_shards):
     """Two `foundry launch local` commands, as on two machines (here both on localhost), form one 2-rank job."""
-    from pretrain.engine import free_port
+    from foundry.pretrain.engine import free_port
 
     run_dir = tmp_path / "run"
     args = [*TINY, *data_args(stdlib_shards), "launch.nodes=2", "launch.procs_per_node=1",
@@ -180,7 +180,7 @@ SLURM_CPU = ["launch.slurm.partition=cpu", "launch.slurm.gpus=false", "launch.sl
 
 
 def _submit(args: list[str]) -> str:
-    from pretrain.engine import free_port
+    from foundry.pretrain.engine import free_port
 
     out = foundry(["launch", "slurm", *args, f"launch.rdzv_port={free_port()}"])
     assert out.returncode == 0, out.stderr[-3000:]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ModelConfig, RopeScalingConfig
-from pretrain.model import Attention, Llama, apply_rope, rope_cos_sin, rope_frequencies
+from foundry.pretrain.config import ModelConfig, RopeScalingConfig
+from foundry.pretrain.model import Attention, Llama, apply_rope, rope_cos_sin, rope_frequencies
 
 
 def test_causal_masking(tiny):

@@ -135,7 +135,7 @@ def test_a_two_node_slurm_job_meets_at_the_first_nodes_address_and_matches_one_n
     nodes, conf = slurm_nodes
     args = [*MULTI, *data_args(stdlib_shards), "train.max_steps=8"]
     submit = subprocess.run(
-        [*in_node(nodes), sys.executable, "-m", "pretrain.cli", "launch", "slurm", *args, "launch.nodes=2",
+        [*in_node(nodes), sys.executable, "-m", "foundry.launch.cli", "launch", "slurm", *args, "launch.nodes=2",
          "launch.procs_per_node=1", "launch.slurm.gpus=false", "launch.slurm.time_minutes=10",
          f"train.run_dir={tmp_path / 'multi'}"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "SLURM_CONF": str(conf)})
@@ -159,8 +159,8 @@ def test_a_two_node_slurm_job_meets_at_the_first_nodes_address_and_matches_one_n
 
 _RESOLVE = """
 import sys
-from launch.network import resolve, NetworkError
-from pretrain.config import LaunchConfig
+from foundry.launch.network import resolve, NetworkError
+from foundry.pretrain.config import LaunchConfig
 try:
     launch = LaunchConfig(nodes=2, rdzv_endpoint="127.0.1.1:29500", interface=sys.argv[1])
     print(resolve(launch, first_node=True).describe())

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.topology import Layout
-from pretrain.config import ConfigError, load_config, load_model_config
+from foundry.parallel.topology import Layout
+from foundry.pretrain.config import ConfigError, load_config, load_model_config
 from tests.conftest import data_args, read_metrics, torchrun
 
 STEPS = 10
@@ -73,7 +73,7 @@ def test_layout_matches_single_process(name, reference, tmp_path, stdlib_shards)
 
 
 def test_consolidated_weights_load_into_the_plain_model(reference):
-    from pretrain.model import Llama
+    from foundry.pretrain.model import Llama
 
     cfg = load_model_config("configs/models/tiny.yaml")
     model = Llama(cfg)
@@ -110,7 +110,7 @@ def test_good_layout_derives_data_parallel_size(stdlib_shards):
 def test_bad_layout_stops_the_cli_before_any_process_group(monkeypatch, capsys, stdlib_shards):
     import torch.distributed as dist
 
-    from pretrain.cli import main
+    from foundry.launch.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["train", "configs/models/tiny.yaml", "configs/quickstart.yaml", "parallel.tensor=2",

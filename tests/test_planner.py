@@ -9,7 +9,7 @@ import math
 import pytest
 
 from benchmarks.memory import MODEL, REDUCE_BUCKET, planned
-from parallel.planner import (
+from foundry.parallel.planner import (
     GIB,
     HEADROOM,
     PRECISIONS,
@@ -26,9 +26,9 @@ from parallel.planner import (
     preference_key,
     stage_parameters,
 )
-from pretrain.cli import main
-from pretrain.config import load_model_config
-from pretrain.model import num_parameters
+from foundry.launch.cli import main
+from foundry.pretrain.config import load_model_config
+from foundry.pretrain.model import num_parameters
 
 PRESETS = ("tiny", "llama2-7b", "llama3-8b", "llama3.2-1b", "llama3-70b")
 

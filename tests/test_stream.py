@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data.prepare import PrepareOptions, prepare
-from data.stream import (
+from foundry.data.prepare import PrepareOptions, prepare
+from foundry.data.stream import (
     ShardLoader,
     block_windows,
     merge_states,
@@ -23,7 +23,7 @@ from data.stream import (
     skipped_shards,
     windows_taken,
 )
-from data.tokenizer import DataError
+from foundry.data.tokenizer import DataError
 
 SEQ = 31
 

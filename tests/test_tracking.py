@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.engine import free_port
+from foundry.pretrain.engine import free_port
 from tests.conftest import data_args, read_metrics, torchrun
 from tests.test_launch import TINY, _Launcher, _logged_steps, _wait_for
 
@@ -191,8 +191,8 @@ def test_the_mlflow_ui_shows_the_runs_loss_chart(mlflow_server, tracked, tmp_pat
 
 
 def test_an_unreachable_store_never_raises_and_says_what_was_not_sent(tmp_path, caplog):
-    from pretrain.config import TrackingConfig
-    from pretrain.tracking import Tracker
+    from foundry.pretrain.config import TrackingConfig
+    from foundry.pretrain.tracking import Tracker
 
     cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}", flush_seconds=3)
     tracker = Tracker(cfg, tmp_path, run_id=None, params={"a": "1"}, tags={}, config_yaml="a: 1\n")

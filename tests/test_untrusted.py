@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.slurm import LaunchError, render_script
-from pretrain.checkpoint import MARKER, tag_for
-from pretrain.config import load_config
+from foundry.launch.slurm import LaunchError, render_script
+from foundry.pretrain.checkpoint import MARKER, tag_for
+from foundry.pretrain.config import load_config
 from tests.conftest import data_args, foundry, torchrun
 
 BASE = ["configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=4", "train.micro_batch_size=4",

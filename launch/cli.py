@@ -1,7 +1,7 @@
 """The `foundry` command. Thin: parse the command line, load the config, call the work.
 
     foundry train configs/models/tiny.yaml configs/quickstart.yaml train.max_steps=50
-    torchrun --standalone --nproc-per-node 2 -m pretrain.cli train configs/models/tiny.yaml configs/quickstart.yaml
+    torchrun --standalone --nproc-per-node 2 -m foundry.launch.cli train configs/models/tiny.yaml configs/quickstart.yaml
     foundry plan configs/models/llama3-8b.yaml --gpus 8 --gpu-memory-gib 80
     foundry prepare-data corpus/ --pattern '**/*.jsonl.zst' --tokenizer llama3/tokenizer.json --out data/web
 """
@@ -13,10 +13,10 @@ import json
 import os
 import sys
 
-from data.tokenizer import DataError
-from pretrain.checkpoint import CheckpointError, SaveError
-from pretrain.config import ConfigError, RunConfig, load_config, load_model_config, reference, to_yaml
-from pretrain.guard import TooManyBadSteps
+from foundry.data.tokenizer import DataError
+from foundry.pretrain.checkpoint import CheckpointError, SaveError
+from foundry.pretrain.config import ConfigError, RunConfig, load_config, load_model_config, reference, to_yaml
+from foundry.pretrain.guard import TooManyBadSteps
 
 
 def _load(config: list[str]) -> RunConfig:
@@ -29,7 +29,7 @@ def _load(config: list[str]) -> RunConfig:
 
 def _train(args: argparse.Namespace) -> None:
     cfg = _load(args.config)
-    from pretrain.trainer import train  # heavy imports (DeepSpeed) only once the config is sound
+    from foundry.pretrain.trainer import train  # heavy imports (DeepSpeed) only once the config is sound
 
     train(cfg)
 
@@ -38,7 +38,7 @@ def _checkpoint_dir(path: str) -> "Path":  # noqa: F821
     """A checkpoint directory given on the command line, or a run directory (its newest complete checkpoint)."""
     from pathlib import Path
 
-    from pretrain.checkpoint import find_latest
+    from foundry.pretrain.checkpoint import find_latest
 
     given = Path(path)
     if (given / "checkpoints").is_dir():
@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace) -> None:
     cfg = load_config([str(run_config)], ["checkpoint.resume=false", "tracking.mlflow=false", *args.overrides])
     if not cfg.eval.datasets:
         raise ConfigError("the run has no validation sets: add eval.datasets='[DIR]' to the command line")
-    from pretrain.trainer import evaluate_checkpoint
+    from foundry.pretrain.trainer import evaluate_checkpoint
 
     results = evaluate_checkpoint(cfg, tag_dir)
     if os.environ.get("RANK", "0") == "0":
@@ -71,8 +71,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    from data.tokenizer import eos_id
-    from pretrain.generate import generate, load_for_generation
+    from foundry.data.tokenizer import eos_id
+    from foundry.pretrain.generate import generate, load_for_generation
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
@@ -89,12 +89,12 @@ def _launch(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from launch import slurm
-    from launch.status import describe
-    from launch.torchrun import check_endpoint, run_local
-    from pretrain.checkpoint import write_atomic
-    from pretrain.preflight import preflight
-    from pretrain.tracking import credentials_to_env
+    from foundry.launch import slurm
+    from foundry.launch.status import describe
+    from foundry.launch.torchrun import check_endpoint, run_local
+    from foundry.pretrain.checkpoint import write_atomic
+    from foundry.pretrain.preflight import preflight
+    from foundry.pretrain.tracking import credentials_to_env
 
     if args.mode == "requeue":
         return slurm.requeue_if_stopped(Path(args.config[0]))
@@ -125,7 +125,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from parallel.planner import format_plan, plan
+    from foundry.parallel.planner import format_plan, plan
 
     cfg = load_model_config(args.model)
     print(format_plan(plan(cfg, args.gpus, args.gpu_memory_gib, args.seq_len, args.precision, args.global_batch,
@@ -136,7 +136,7 @@ def _prepare_data(args: argparse.Namespace) -> None:
     import logging
     from pathlib import Path
 
-    from data.prepare import PrepareOptions, prepare
+    from foundry.data.prepare import PrepareOptions, prepare
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.workers < 1 or args.sample_tokens < 1 or args.shard_tokens < 1 or args.vocab_size < 257 \
@@ -156,7 +156,7 @@ def _convert(args: argparse.Namespace) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from pretrain.convert import load_hf, save_hf
+    from foundry.pretrain.convert import load_hf, save_hf
 
     src, out = Path(args.source), Path(args.out)
     if args.direction == "import":
@@ -164,7 +164,7 @@ def _convert(args: argparse.Namespace) -> None:
         OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(cfg)}), out)
         print(f"wrote {out}: train with it and checkpoint.init_from={src}")
         return
-    from pretrain.checkpoint import find_latest, full_weights, verify
+    from foundry.pretrain.checkpoint import find_latest, full_weights, verify
 
     model = load_model_config(str(src / "config.yaml"))
     if (src / "model.pt").is_file():  # written at the end with checkpoint.save_consolidated=true
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="validation loss and perplexity of a checkpoint, under any layout (run it with torchrun)",
         description="Score a checkpoint (or a run directory's newest) on the run's validation sets, e.g. "
-        "`torchrun --nproc-per-node 2 -m pretrain.cli eval runs/quickstart parallel.tensor=2`. Overrides may set "
+        "`torchrun --nproc-per-node 2 -m foundry.launch.cli eval runs/quickstart parallel.tensor=2`. Overrides may set "
         "the layout and the eval keys; the rest is the run's config.",
     )
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT | RUN_DIR")
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from launch.network import NetworkError
-    from launch.slurm import LaunchError
+    from foundry.launch.network import NetworkError
+    from foundry.launch.slurm import LaunchError
 
     try:
         code = args.run(args)
