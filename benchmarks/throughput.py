@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
