@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from foundry.data import tokenizer as tk
@@ -37,19 +37,30 @@ HOLDOUT = "holdout"  # the validation set's subdirectory
 FORMAT = "foundry-shards/1"
 
 
+def _option(default: Any, text: str, **argparse: Any) -> Any:
+    """A field that is also a `foundry prepare-data` option: its help text and any argparse settings."""
+    return field(default=default, metadata={"help": text, "argparse": argparse})
+
+
 @dataclass
 class PrepareOptions:
-    out: Path
-    tokenizer: str | None = None  # tokenizer.json; None: train a byte-level BPE on the input
-    vocab_size: int = 4096  # for the trained BPE
-    pattern: str = "**/*"
-    exclude: tuple[str, ...] = ()
-    text_field: str = "text"
-    sample_tokens: int = 16384
-    shard_tokens: int = 50_000_000
-    workers: int = os.cpu_count() or 1
-    on_error: str = "stop"  # or "skip": bad files are logged, counted and left out
-    holdout: float = 0.0  # fraction of files written to out/holdout instead: a validation set
+    """What `foundry prepare-data` does besides its inputs; the command's options are these fields."""
+
+    out: Path = _option(None, "output directory for shards, tokenizer.json and manifest.json", type=Path,
+                        required=True)
+    tokenizer: str | None = _option(None, "a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
+    vocab_size: int = _option(4096, "vocabulary of the trained BPE", type=int)
+    pattern: str = _option("**/*", "glob of files inside input directories")
+    exclude: tuple[str, ...] = _option((), "glob (relative to an input directory) to skip; repeatable",
+                                       action="append", type=str)
+    text_field: str = _option("text", "field holding the document in .jsonl")
+    sample_tokens: int = _option(16384, "token ids per stored sample", type=int)
+    shard_tokens: int = _option(50_000_000, "close a shard after this many tokens", type=int)
+    workers: int = _option(os.cpu_count() or 1, "tokenizing processes (default: every core)", type=int)
+    on_error: str = _option("stop", "an unreadable, empty or non-UTF-8 file: stop, or skip it (counted, logged)",
+                            choices=["stop", "skip"])
+    holdout: float = _option(0.0, "fraction of the input files (chosen by a hash of their path) written instead to "
+                                  "OUT/holdout, a validation set with the same tokenizer (0: none)", type=float)
 
 
 def find_inputs(inputs: list[str], pattern: str, exclude: tuple[str, ...]) -> list[Path]:
@@ -137,7 +148,7 @@ class ShardWriter:
         self.out, self.dtype, self.sample_tokens, self.shard_tokens = out, dtype, sample_tokens, shard_tokens
         self.pending = np.empty(0, dtype=dtype)
         self.shards: list[dict] = []
-        self.writer: wds.TarWriter | None = None
+        self.writer: Any = None  # webdataset's TarWriter while a shard is open
         self.samples = 0
 
     def add(self, ids: np.ndarray) -> None:
@@ -150,6 +161,8 @@ class ShardWriter:
         if self.writer is None:
             name = f"shard-{len(self.shards):06d}.tar"
             self.shards.append({"url": name, "samples": 0, "tokens": 0})
+            import webdataset as wds  # here, not at the top: it imports torch, which `foundry --help` need not
+
             self.writer = wds.TarWriter(str(self.out / name))
         self.writer.write({"__key__": f"{self.samples:010d}", "tokens.npy": sample})
         self.samples += 1
@@ -178,7 +191,7 @@ def prepare(inputs: list[str], opts: PrepareOptions) -> dict:
     else:
         log.info("training a byte-level BPE tokenizer (vocab %d) on %d files", opts.vocab_size, len(files))
         tok = tk.train_byte_bpe(_texts_for_training(files, opts), opts.vocab_size)
-    tok.save(str(opts.out / "tokenizer.json"))
+    tok.save(str(opts.out / tk.TOKENIZER_FILE))
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
     writer = ShardWriter(opts.out, dtype, opts.sample_tokens, opts.shard_tokens)
@@ -186,7 +199,7 @@ def prepare(inputs: list[str], opts: PrepareOptions) -> dict:
     if opts.holdout:
         (opts.out / HOLDOUT).mkdir(exist_ok=True)
         (opts.out / HOLDOUT / MANIFEST).unlink(missing_ok=True)
-        tok.save(str(opts.out / HOLDOUT / "tokenizer.json"))
+        tok.save(str(opts.out / HOLDOUT / tk.TOKENIZER_FILE))
         held_out = ShardWriter(opts.out / HOLDOUT, dtype, opts.sample_tokens, opts.shard_tokens)
     skipped: list[str] = []
     jobs = [(f, opts.text_field) for f in files]
@@ -217,7 +230,7 @@ def _write_manifest(out: Path, tok, dtype: np.dtype, sample_tokens: int, shards:
     manifest = {
         "format": FORMAT,
         "tokenizer": {"fingerprint": tk.fingerprint(tok), "vocab_size": tok.get_vocab_size(),
-                      "eos_id": tk.eos_id(tok), "file": "tokenizer.json"},
+                      "eos_id": tk.eos_id(tok), "file": tk.TOKENIZER_FILE},
         "dtype": dtype.name,
         "sample_tokens": sample_tokens,
         "total_tokens": sum(s["tokens"] for s in shards),

@@ -56,6 +56,12 @@ class Dataset:
     urls: list[str]
     weight: float
 
+    @property
+    def tokenizer_file(self) -> Path:
+        """The tokenizer the shards were written with: next to the manifest."""
+        where = Path(self.name)
+        return (where if where.is_dir() else where.parent) / self.manifest["tokenizer"]["file"]
+
 
 def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dataset:
     """Read a manifest (a directory holding manifest.json, or the file); shards are next to it unless

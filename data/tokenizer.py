@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+TOKENIZER_FILE = "tokenizer.json"  # its name next to a dataset's manifest and in every checkpoint
+
 # End-of-document tokens of well-known tokenizers, tried in order; ours is the first.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 

@@ -9,14 +9,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import Any, Callable
 
-from foundry.data.tokenizer import DataError
-from foundry.pretrain.checkpoint import CheckpointError, SaveError
+# Only what parsing the command line needs is imported here, so `foundry --help` answers at once; the work
+# (torch, DeepSpeed) is imported by the command that needs it.
+from foundry.data.prepare import PrepareOptions
 from foundry.pretrain.config import ConfigError, RunConfig, load_config, load_model_config, reference, to_yaml
-from foundry.pretrain.guard import TooManyBadSteps
 
 
 def _load(config: list[str]) -> RunConfig:
@@ -38,7 +40,7 @@ def _checkpoint_dir(path: str) -> "Path":  # noqa: F821
     """A checkpoint directory given on the command line, or a run directory (its newest complete checkpoint)."""
     from pathlib import Path
 
-    from foundry.pretrain.checkpoint import find_latest
+    from foundry.pretrain.checkpoint import CheckpointError, find_latest
 
     given = Path(path)
     if (given / "checkpoints").is_dir():
@@ -134,20 +136,16 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _prepare_data(args: argparse.Namespace) -> None:
     import logging
-    from pathlib import Path
 
-    from foundry.data.prepare import PrepareOptions, prepare
+    from foundry.data.prepare import prepare
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.workers < 1 or args.sample_tokens < 1 or args.shard_tokens < 1 or args.vocab_size < 257 \
             or not 0 <= args.holdout < 1:
         raise ConfigError("--workers, --sample-tokens and --shard-tokens must be >= 1, --vocab-size >= 257 and "
                           "--holdout in [0, 1)")
-    prepare(args.inputs, PrepareOptions(
-        out=Path(args.out), tokenizer=args.tokenizer, vocab_size=args.vocab_size, pattern=args.pattern,
-        exclude=tuple(args.exclude), text_field=args.text_field, sample_tokens=args.sample_tokens,
-        shard_tokens=args.shard_tokens, workers=args.workers, on_error=args.on_error, holdout=args.holdout,
-    ))
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)}
+    prepare(args.inputs, PrepareOptions(**{**options, "exclude": tuple(options["exclude"])}))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -164,6 +162,7 @@ def _convert(args: argparse.Namespace) -> None:
         OmegaConf.save(OmegaConf.create({"model": OmegaConf.structured(cfg)}), out)
         print(f"wrote {out}: train with it and checkpoint.init_from={src}")
         return
+    from foundry.data.stream import open_dataset
     from foundry.pretrain.checkpoint import find_latest, full_weights, verify
 
     model = load_model_config(str(src / "config.yaml"))
@@ -176,25 +175,28 @@ def _convert(args: argparse.Namespace) -> None:
         verify(src / "checkpoints" / tag, {})
         weights = full_weights(src / "checkpoints" / tag, model.vocab_size, model.tie_embeddings)
     datasets = OmegaConf.load(src / "config.yaml").data.datasets
-    tokenizer = Path(datasets[0].path) / "tokenizer.json" if datasets else None
+    tokenizer = open_dataset(datasets[0].path).tokenizer_file if datasets else None
     save_hf(weights, model, out, tokenizer)
     print(f"wrote {out}")
+
+
+def _command(commands: Any, name: str, run: Callable[[argparse.Namespace], Any], **parser: Any) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, **parser)
+    command.set_defaults(run=run)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundry", description="Pretrain Llama models on DeepSpeed.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser(
-        "train",
+    train = _command(commands, "train", _train,
         help="train a model from YAML configs and key=value overrides",
         description="Train a model. YAML files merge left to right; key=value overrides win.",
         epilog="config keys:\n" + "\n".join(reference()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value")
-    train.set_defaults(run=_train)
-    evaluate = commands.add_parser(
-        "eval",
+    evaluate = _command(commands, "eval", _eval,
         help="validation loss and perplexity of a checkpoint, under any layout (run it with torchrun)",
         description="Score a checkpoint (or a run directory's newest) on the run's validation sets, e.g. "
         "`torchrun --nproc-per-node 2 -m foundry.launch.cli eval runs/quickstart parallel.tensor=2`. Overrides may set "
@@ -202,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT | RUN_DIR")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value")
-    evaluate.set_defaults(run=_eval)
-    gen = commands.add_parser(
-        "generate",
+    gen = _command(commands, "generate", _generate,
         help="text from a checkpoint: greedy or sampled, with a KV cache",
         description="Continue each --prompt with the checkpoint's model and tokenizer (one process, CPU or GPU). "
         "Needs a checkpoint written under ZeRO 1 or 2 (the default), which keeps a layout-free copy.",
@@ -217,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "much probability (default 1: all)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU")
-    gen.set_defaults(run=_generate)
-    launch = commands.add_parser(
-        "launch",
+    launch = _command(commands, "launch", _launch,
         help="run training on this node with torchrun, or as a SLURM batch job; show a run's status",
         description="local CONFIG...: torchrun on this node (with launch.nodes > 1, run the same command on every "
         "node), relaunching a failed job launch.max_restarts times. slurm CONFIG...: check the cluster, write "
@@ -231,31 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("mode", choices=["local", "slurm", "status", "requeue", "node"])
     launch.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value | RUN_DIR")
     launch.add_argument("--dry-run", action="store_true", help="print the torchrun command or sbatch script only")
-    launch.set_defaults(run=_launch)
-    prep = commands.add_parser(
-        "prepare-data",
+    prep = _command(commands, "prepare-data", _prepare_data,
         help="tokenize raw text into webdataset token shards with a manifest",
         description="Tokenize .txt / .jsonl files (optionally .gz or .zst), directories or globs into tar shards "
         "of token ids plus manifest.json, using every worker given.",
     )
     prep.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
-    prep.add_argument("--out", required=True, help="output directory for shards, tokenizer.json and manifest.json")
-    prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json; default: train a byte-level BPE on the input")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE (default 4096)")
-    prep.add_argument("--pattern", default="**/*", help="glob of files inside input directories (default **/*)")
-    prep.add_argument("--exclude", action="append", default=[], help="glob (relative to an input directory) to skip")
-    prep.add_argument("--text-field", default="text", help="field holding the document in .jsonl (default text)")
-    prep.add_argument("--sample-tokens", type=int, default=16384, help="token ids per stored sample (default 16384)")
-    prep.add_argument("--shard-tokens", type=int, default=50_000_000, help="close a shard after this many tokens")
-    prep.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: all cores)")
-    prep.add_argument("--on-error", choices=["stop", "skip"], default="stop",
-                      help="an unreadable, empty or non-UTF-8 file: stop, or skip it (counted, logged)")
-    prep.add_argument("--holdout", type=float, default=0.0,
-                      help="fraction of the input files (chosen by a hash of their path) written instead to "
-                           "OUT/holdout, a validation set with the same tokenizer (default 0: none)")
-    prep.set_defaults(run=_prepare_data)
-    convert = commands.add_parser(
-        "convert",
+    for f in dataclasses.fields(PrepareOptions):
+        shown = "" if f.default in (None, ()) or "default" in f.metadata["help"] else f" (default {f.default})"
+        default = list(f.default) if f.metadata["argparse"].get("action") == "append" else f.default
+        prep.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=f.metadata["help"] + shown,
+                          **f.metadata["argparse"])
+    convert = _command(commands, "convert", _convert,
         help="export a run's model to a Hugging Face Llama directory, or import one",
         description="export RUN_DIR --out HF_DIR: the run's model (run_dir/model.pt, else the newest complete "
         "checkpoint of any layout) as config.json + safetensors + tokenizer.json. import HF_DIR --out MODEL.yaml: the model section matching a Hugging Face "
@@ -264,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=["export", "import"])
     convert.add_argument("source", metavar="RUN_DIR | HF_DIR")
     convert.add_argument("--out", required=True, metavar="HF_DIR | MODEL.yaml")
-    convert.set_defaults(run=_convert)
-    plan = commands.add_parser(
-        "plan",
+    plan = _command(commands, "plan", _plan,
         help="estimate memory per GPU of every layout (tp, pp, dp, ZeRO, micro-batch, recomputation) and pick one",
         description="List the layouts of a model that fit N GPUs of G GiB each, with their estimated memory per "
         "GPU (parallel/planner.py documents the model and its sources), and pick one by a stated rule.",
@@ -278,32 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--global-batch", type=int, help="sequences per optimizer step; micro x dp must divide it")
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                       help="bf16 with fp32 master weights (GPU default) or fp32")
-    plan.set_defaults(run=_plan)
     return parser
+
+
+def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], str, int]]:
+    """The errors a user can cause or meet, each printed as one line (no traceback) with its exit code."""
+    from foundry.data.tokenizer import DataError
+    from foundry.launch.network import NetworkError
+    from foundry.launch.slurm import LaunchError
+    from foundry.pretrain.checkpoint import CheckpointError, SaveError
+    from foundry.pretrain.guard import TooManyBadSteps
+
+    return [((ConfigError,), "config error", 2), ((DataError,), "data error", 2),
+            ((CheckpointError,), "checkpoint error", 2), ((LaunchError, NetworkError), "launch error", 2),
+            ((SaveError, TooManyBadSteps), "run stopped", 1)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from foundry.launch.network import NetworkError
-    from foundry.launch.slurm import LaunchError
-
+    expected = _expected_errors()
     try:
         code = args.run(args)
-    except ConfigError as e:
-        print(f"foundry: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"foundry: data error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"foundry: checkpoint error: {e}", file=sys.stderr)
-        return 2
-    except (LaunchError, NetworkError) as e:
-        print(f"foundry: launch error: {e}", file=sys.stderr)
-        return 2
-    except (SaveError, TooManyBadSteps) as e:
-        print(f"foundry: run stopped: {e}", file=sys.stderr)
-        return 1
+    except tuple(t for types, _, _ in expected for t in types) as e:
+        for types, what, exit_code in expected:
+            if isinstance(e, types):
+                print(f"foundry: {what}: {e}", file=sys.stderr)
+                return exit_code
+        raise
     return code or 0
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from foundry.launch import record_job
+from foundry.launch.record import record_job
 from foundry.launch.network import resolve
 from foundry.launch.torchrun import TORCHRUN_ENV, torchrun_command
 from foundry.pretrain.config import RunConfig

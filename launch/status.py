@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from foundry.launch import JOB_FILE
+from foundry.launch.record import JOB_FILE
 from foundry.launch.slurm import job_state
 from foundry.pretrain.checkpoint import find_latest
 from foundry.pretrain.stop import read_status

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from foundry.launch import record_job
+from foundry.launch.record import record_job
 from foundry.launch.network import NodeNetwork, resolve
 from foundry.pretrain.checkpoint import find_latest
 from foundry.pretrain.config import ConfigError, LaunchConfig
