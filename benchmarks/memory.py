@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-from foundry.parallel.planner import SELECTIVE_INTERVAL, Layout, Memory, ModelShape, estimate
+from foundry.parallel.planner import Candidate, Memory, ModelShape, estimate  # noqa: E402
 from foundry.pretrain.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from foundry.pretrain.model import num_parameters  # noqa: E402
 
@@ -154,9 +154,11 @@ def census(engine: Any, model: torch.nn.Module, others: bool = False) -> dict[st
 def worker(zero: int, tp: int, precision: str, reduce_bucket: int, out: str) -> None:
     import torch.distributed as dist
 
+    from foundry.parallel.layout import Layout
     from foundry.parallel.parallelize import parallelize
-    from foundry.parallel.topology import Layout as TrainerLayout, Topology
+    from foundry.parallel.topology import Topology
     from foundry.pretrain import engine as ds_engine
+    from foundry.pretrain.kernels import cross_entropy
     from foundry.pretrain.model import Llama
 
     ds_engine.init_distributed(torch.device("cpu"))
@@ -167,12 +169,27 @@ def worker(zero: int, tp: int, precision: str, reduce_bucket: int, out: str) -> 
                         max_steps=10, warmup_steps=1)
     torch.manual_seed(0)
     model = Llama(MODEL)
-    topology = Topology(TrainerLayout.from_config(parallel, MODEL, world))
-    module, loss_fn = parallelize(model, topology, parallel)
+    topology = Topology(Layout.from_config(parallel, MODEL, world))
+    module, loss_fn = parallelize(model, topology, cross_entropy, parallel.sequence_parallel)
     ds_config = ds_engine.deepspeed_config(train, parallel, ACCUMULATION, precision)
     ds_config["zero_optimization"]["reduce_bucket_size"] = reduce_bucket
     engine = ds_engine.initialize(module, ds_config, mpu=topology)
+    generator = torch.Generator().manual_seed(1 + topology.dp_rank)  # tp peers read the same batch
+    mine = measure(engine, model, loss_fn, generator)
+    ranks: list[Any] = [None] * world
+    dist.all_gather_object(ranks, mine)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(ranks))
+    del engine, module, model  # before tearing down gloo (see ../shared/README.md)
+    dist.barrier()
+    dist.destroy_process_group()
 
+
+def measure(engine: Any, model: torch.nn.Module, loss_fn: Callable, generator: torch.Generator,
+            others: bool = True) -> dict[str, Any]:
+    """This rank's bytes by holder (see the module docstring) over two optimizer steps of ACCUMULATION
+    micro-batches each: the first creates the optimizer state, the second is probed. With `others`,
+    also every other live tensor (slow)."""
     probes: dict[str, dict[str, int]] = {}
     current = {"name": None}
 
@@ -180,9 +197,7 @@ def worker(zero: int, tp: int, precision: str, reduce_bucket: int, out: str) -> 
         if current["name"]:
             probes[f"in backward {current['name']}"] = census(engine, model)
 
-    model.model.embed_tokens.weight.register_post_accumulate_grad_hook(in_backward)
-    generator = torch.Generator().manual_seed(1 + topology.dp_rank)  # tp peers read the same batch
-    # Step 1 creates the optimizer state; step 2 is probed.
+    hook = model.model.embed_tokens.weight.register_post_accumulate_grad_hook(in_backward)
     for micro in ("warm-up 1", "warm-up 2", "accumulating", "boundary"):
         tokens = torch.randint(0, MODEL.vocab_size, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
         loss = loss_fn(engine(tokens[:, :-1]), tokens[:, 1:])
@@ -193,17 +208,11 @@ def worker(zero: int, tp: int, precision: str, reduce_bucket: int, out: str) -> 
         if probing:
             probes[f"after backward {micro}"] = census(engine, model)
         engine.step()
-    after_step = probes["after step"] = census(engine, model, others=True)
+    hook.remove()
+    after_step = probes["after step"] = census(engine, model, others=others)
     peak = {key: max(p[key] for p in probes.values()) for key in ("grads", "bucket", "grads in bucket")}
-    mine = {"params": after_step["params"], "optim": after_step["optim"], "other": after_step["other"], **peak,
-            "probes": probes}
-    ranks: list[Any] = [None] * world
-    dist.all_gather_object(ranks, mine)
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(ranks))
-    del engine, module, model  # before tearing down gloo (see ../shared/README.md)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"params": after_step["params"], "optim": after_step["optim"], "other": after_step.get("other", 0),
+            **peak, "probes": probes}
 
 
 # The driver.
@@ -234,7 +243,7 @@ def tensor_parallel_missing() -> str | None:
 
 def planned(zero: int, dp: int, tp: int = 1, precision: str = "fp32", reduce_bucket: int = REDUCE_BUCKET) -> Memory:
     """parallel/planner.py's estimate for one cell of this benchmark."""
-    layout = Layout(tp=tp, dp=dp, zero_stage=zero, micro_batch=MICRO_BATCH, sequence_parallel=False)
+    layout = Candidate(tp=tp, dp=dp, zero_stage=zero, micro_batch=MICRO_BATCH, sequence_parallel=False)
     return estimate(ModelShape.of(MODEL), layout, SEQ_LEN, precision, global_batch=MICRO_BATCH * dp * ACCUMULATION,
                     reduce_bucket=reduce_bucket)
 
@@ -293,11 +302,10 @@ def activations() -> str:
     """Bytes a bf16 Llama keeps from forward for backward, next to the planner's: one block per
     (kv heads, MLP width) of Llama 3 8B at s=4096, b=2, then a 4-block model with its head and
     loss, without the planner's recompute working set (it lives in backward only)."""
-    from foundry.parallel.parallelize import apply_activation_checkpointing
     from foundry.pretrain.kernels import cross_entropy
     from foundry.parallel.planner import PRECISIONS, activation_bytes, layer_activation_bytes
     from foundry.pretrain.config import load_model_config
-    from foundry.pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
+    from foundry.pretrain.model import Llama, ModelOptions, TransformerBlock, rope_cos_sin, rope_frequencies
 
     base = load_model_config(str(REPO / "configs/models/llama3-8b.yaml"))
     device, bf16 = torch.device("cuda"), torch.bfloat16
@@ -313,7 +321,7 @@ def activations() -> str:
         x = torch.randn(b, s, cfg.hidden_size, device=device, dtype=bf16, requires_grad=True) * 1  # not a leaf
         sbh = s * b * cfg.hidden_size
         kept = kept_bytes(lambda: block(x, cos, sin)) / sbh
-        plan = layer_activation_bytes(ModelShape.of(cfg), Layout(micro_batch=b), s, attention_scores=False)[0] / sbh
+        plan = layer_activation_bytes(ModelShape.of(cfg), Candidate(micro_batch=b), s, attention_scores=False)[0] / sbh
         lines.append(f"{kv:>4} {ffn:>6} {kept:>7.3f} {plan:>7.3f} {kept / plan:>5.3f}")
         del block, x
     cfg = dataclasses.replace(base, num_layers=4)
@@ -321,12 +329,12 @@ def activations() -> str:
     lines += [f"llama3-8b with {cfg.num_layers} blocks, head and loss: MB kept after the loss",
               f"{'seq':>5} {'micro':>5} {'ckpt':<9} {'kept':>7} {'plan':>7} {'x':>5}"]
     for seq, micro, ckpt in MODEL_CASES:
+        layout = Candidate(micro_batch=micro, checkpointing=ckpt)
+        every = {"off": 0, "full": 1, "selective": layout.checkpoint_interval}[ckpt]
         with device:
-            model = Llama(cfg).to(bf16)
-        apply_activation_checkpointing(model, ckpt, SELECTIVE_INTERVAL)
+            model = Llama(cfg, ModelOptions(recompute_every=every)).to(bf16)
         tokens = torch.randint(0, cfg.vocab_size, (micro, seq + 1), device=device)
         kept = kept_bytes(lambda: cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]))
-        layout = Layout(micro_batch=micro, checkpointing=ckpt)
         rebuilt = layer_activation_bytes(shape, layout, seq, attention_scores=False)[0] if ckpt != "off" else 0
         plan = activation_bytes(shape, layout, seq, PRECISIONS["bf16"], stage=0, in_flight=1) - rebuilt
         lines.append(f"{seq:>5} {micro:>5} {ckpt:<9} {kept / MB:>7.0f} {plan / MB:>7.0f} {kept / plan:>5.3f}")

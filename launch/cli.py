@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 # Only what parsing the command line needs is imported here, so `foundry --help` answers at once; the work
@@ -36,10 +37,8 @@ def _train(args: argparse.Namespace) -> None:
     train(cfg)
 
 
-def _checkpoint_dir(path: str) -> "Path":  # noqa: F821
+def _checkpoint_dir(path: str) -> Path:
     """A checkpoint directory given on the command line, or a run directory (its newest complete checkpoint)."""
-    from pathlib import Path
-
     from foundry.pretrain.checkpoint import CheckpointError, find_latest
 
     given = Path(path)
@@ -89,7 +88,6 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _launch(args: argparse.Namespace) -> int:
     import logging
-    from pathlib import Path
 
     from foundry.launch import slurm
     from foundry.launch.status import describe
@@ -125,8 +123,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from foundry.parallel.planner import format_plan, plan
 
     cfg = load_model_config(args.model)
@@ -149,8 +145,6 @@ def _prepare_data(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     import torch
     from omegaconf import OmegaConf
 
@@ -269,10 +263,11 @@ def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], str, int]]
     from foundry.data.tokenizer import DataError
     from foundry.launch.network import NetworkError
     from foundry.launch.slurm import LaunchError
+    from foundry.parallel.layout import LayoutError
     from foundry.pretrain.checkpoint import CheckpointError, SaveError
     from foundry.pretrain.guard import TooManyBadSteps
 
-    return [((ConfigError,), "config error", 2), ((DataError,), "data error", 2),
+    return [((ConfigError, LayoutError), "config error", 2), ((DataError,), "data error", 2),
             ((CheckpointError,), "checkpoint error", 2), ((LaunchError, NetworkError), "launch error", 2),
             ((SaveError, TooManyBadSteps), "run stopped", 1)]
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from foundry.parallel.tensor import VOCAB_PARAMS
 from foundry.parallel.topology import Topology
-from foundry.pretrain.model import VOCAB_PARAMS
 
 
 def full_state_dict(module: nn.Module, names: dict[int, str], topology: Topology, vocab_size: int,

@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from typing import Callable
-
 import torch
 from torch import nn
 
-from foundry.pretrain.model import Llama, TransformerBlock
+from foundry.parallel.tensor import LossFn
 
 log = logging.getLogger("foundry")
 
@@ -24,7 +22,7 @@ log = logging.getLogger("foundry")
 class BlockStage(nn.Module):
     """A transformer block taking only the activations, as the pipeline passes one tensor along."""
 
-    def __init__(self, block: TransformerBlock, rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq_split: int):
+    def __init__(self, block: nn.Module, rope_cos: torch.Tensor, rope_sin: torch.Tensor, seq_split: int):
         super().__init__()
         self.block = block
         self.seq_split = seq_split  # under sequence parallelism x holds 1/seq_split of the sequence
@@ -43,10 +41,10 @@ class _Reuse(nn.Module):
         return module
 
 
-def build_pipeline_module(
-    model: Llama, ds_topology, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seq_split: int
-) -> nn.Module:
-    """`model` (already tensor-parallel if tp > 1) as a DeepSpeed PipelineModule over `ds_topology`."""
+def build_pipeline_module(model: nn.Module, ds_topology, loss_fn: LossFn, seq_split: int) -> nn.Module:
+    """`model`, a plain Llama (already tensor-parallel if tp > 1), as a DeepSpeed PipelineModule over
+    `ds_topology`. It uses `model.model.{embed_tokens,layers,norm}`, `model.lm_head`, `model.cfg.tie_embeddings`,
+    `model.rope_cos`/`rope_sin`, and calls each block as block(x, cos, sin)."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     body = model.model

@@ -1,9 +1,11 @@
 """How much memory one GPU needs for a training layout, and which layout to run.
 
-A layout is tensor parallelism (tp), pipeline stages (pp), data parallelism (dp = GPUs / (tp x pp)),
-a DeepSpeed ZeRO stage, a micro-batch and an activation-checkpointing mode. `estimate` adds up,
-for the busiest rank, the terms below; `plan` lists the layouts of a GPU count that fit a GPU's
-memory and picks one by the documented rule `PREFERENCE`. `foundry plan` prints both.
+A candidate is a layout, tensor parallelism (tp) x pipeline stages (pp) x data parallelism
+(dp = GPUs / (tp x pp); parallel/layout.py), with a DeepSpeed ZeRO stage, a micro-batch and an
+activation-checkpointing mode. `estimate` adds up, for the busiest rank, the terms below; `plan`
+lists the candidates for a GPU count that fit a GPU's memory and picks one by the documented rule
+`PREFERENCE`. `foundry plan` prints both. Models are read from their config's numbers (`ModelShape.of`),
+never built.
 
 Model states (ZeRO, Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 Parameter Models", section 3.1): with P parameters on a rank, mixed-precision AdamW holds
@@ -53,12 +55,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import torch
-
-from foundry.pretrain.config import ConfigError, ModelConfig, ParallelConfig
-from foundry.pretrain.model import TransformerBlock
+from foundry.parallel.layout import Layout, LayoutError
 
 GIB = 2**30
 HEADROOM = 0.10  # of each GPU's memory, kept free for fragmentation and what is left out above
@@ -70,7 +69,7 @@ CHECKPOINTING = ("off", "selective", "full")  # in order of recomputation cost
 SELECTIVE_INTERVAL = 2  # parallel.activation_checkpointing_interval's default
 
 
-class PlanError(ConfigError):
+class PlanError(LayoutError):
     """A request the planner cannot meet; the message is one line naming the fix."""
 
 
@@ -98,8 +97,7 @@ PRECISIONS = {"bf16": Precision("bf16", weights=2, grads=2, activations=2),
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory model needs from a Llama config; the parameter counts are read off one
-    transformer block built on the meta device, so they follow pretrain/model.py."""
+    """What the memory model needs from a Llama config, and its parameters by how tp splits them."""
 
     hidden: int
     heads: int
@@ -113,16 +111,16 @@ class ModelShape:
     block_replicated: int  # norm gains, whole on every tp rank
 
     @staticmethod
-    def of(cfg: ModelConfig) -> "ModelShape":
-        with torch.device("meta"):
-            block = TransformerBlock(cfg)
-        counts = {"split": 0, "kv": 0, "replicated": 0}
-        for name, p in block.named_parameters():
-            kv = name.endswith(("k_proj.weight", "v_proj.weight"))
-            kind = "replicated" if p.dim() == 1 else "kv" if kv else "split"
-            counts[kind] += p.numel()
-        return ModelShape(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.ffn_hidden_size, cfg.num_layers,
-                          cfg.vocab_size, cfg.tie_embeddings, counts["split"], counts["kv"], counts["replicated"])
+    def of(model: Any) -> ModelShape:
+        """From a model section with hidden_size, num_heads, num_kv_heads, ffn_hidden_size, num_layers,
+        vocab_size and tie_embeddings (pretrain's ModelConfig). A block of pretrain/model.py holds
+        q and o (hidden x hidden each), k and v (hidden x kv_heads * head_dim each), the SwiGLU's
+        gate, up and down (hidden x ffn each) and two norm gains (hidden each)."""
+        h, f = model.hidden_size, model.ffn_hidden_size
+        head_dim = h // model.num_heads
+        return ModelShape(h, model.num_heads, model.num_kv_heads, f, model.num_layers, model.vocab_size,
+                          model.tie_embeddings, block_split=2 * h * h + 3 * h * f,
+                          block_kv=2 * h * model.num_kv_heads * head_dim, block_replicated=2 * h)
 
     def block_parameters(self, tp: int) -> int:
         """One tp rank's parameters of a transformer block."""
@@ -135,24 +133,17 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One way to spread training over tp x pp x dp GPUs."""
+class Candidate(Layout):
+    """One way to train on tp x pp x dp GPUs: the layout and the choices that set each GPU's memory."""
 
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
     zero_stage: int = 0
     micro_batch: int = 1
     checkpointing: str = "off"  # off | selective (every checkpoint_interval-th block) | full
     checkpoint_interval: int = SELECTIVE_INTERVAL
-    sequence_parallel: bool = True  # only meaningful with tp > 1
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+    sequence_parallel: bool = False  # needs tp > 1
 
     def __str__(self) -> str:
-        return (f"tp {self.tp} x pp {self.pp} x dp {self.dp}, ZeRO-{self.zero_stage}, micro-batch {self.micro_batch}, "
+        return (f"{super().__str__()}, ZeRO-{self.zero_stage}, micro-batch {self.micro_batch}, "
                 f"activation checkpointing {self.checkpointing}")
 
 
@@ -196,7 +187,7 @@ def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> int:
     return n
 
 
-def layer_activation_bytes(shape: ModelShape, layout: Layout, seq_len: int,
+def layer_activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int,
                            attention_scores: bool) -> tuple[float, float]:
     """(stored, recomputed): 16-bit bytes one block keeps for backward per micro-batch, without and
     with checkpointing. Korthikanti et al.'s accounting (section 4.1: what each op saves for its
@@ -223,7 +214,7 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, seq_len: int,
     return sbh * (norms + inputs + attention + mlp + scores), 2 * sbh / split
 
 
-def head_activation_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> tuple[float, float]:
+def head_activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int) -> tuple[float, float]:
     """(16-bit inputs, fp32 logits): what the last stage keeps past its blocks per micro-batch:
     the final RMSNorm (6 s*b*h, /tp under sp) and the head's gathered input (2 s*b*h); then the
     fp32 log-probabilities the loss keeps, s*b*V/tp*4 bytes."""
@@ -232,7 +223,7 @@ def head_activation_bytes(shape: ModelShape, layout: Layout, seq_len: int) -> tu
     return inputs, seq_len * layout.micro_batch * math.ceil(shape.vocab / layout.tp) * 4
 
 
-def activation_bytes(shape: ModelShape, layout: Layout, seq_len: int, precision: Precision, stage: int,
+def activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int, precision: Precision, stage: int,
                      in_flight: int, attention_scores: bool = False) -> float:
     """Activations pipeline `stage` keeps: `in_flight` micro-batches of its blocks, one block
     rebuilt by recomputation in backward, and on the last stage the head's inputs and logits of one
@@ -240,7 +231,7 @@ def activation_bytes(shape: ModelShape, layout: Layout, seq_len: int, precision:
     stored, recomputed = layer_activation_bytes(shape, layout, seq_len, attention_scores)
     blocks = stage_layers(shape.layers, layout.pp, stage)
     every = {"off": 0, "full": 1, "selective": layout.checkpoint_interval}[layout.checkpointing]
-    checkpointed = sum(1 for i in blocks if every and i % every == 0)  # as parallel/parallelize.py marks them
+    checkpointed = sum(1 for i in blocks if every and i % every == 0)  # blocks 0, every, 2 x every, ... as the model
     per_micro_batch = (len(blocks) - checkpointed) * stored + checkpointed * recomputed
     sixteen_bit = in_flight * per_micro_batch + (stored if checkpointed else 0)
     logits = 0.0
@@ -250,7 +241,7 @@ def activation_bytes(shape: ModelShape, layout: Layout, seq_len: int, precision:
     return sixteen_bit * precision.activations / 2 + logits  # fp32 runs taken as twice the 16-bit bytes
 
 
-def estimate(shape: ModelShape, layout: Layout, seq_len: int, precision: str = "bf16",
+def estimate(shape: ModelShape, layout: Candidate, seq_len: int, precision: str = "bf16",
              global_batch: Optional[int] = None, attention_scores: bool = False,
              reduce_bucket: int = REDUCE_BUCKET_ELEMENTS) -> Memory:
     """Peak bytes on the busiest GPU of `layout`: the larger of the first and last pipeline stage
@@ -284,7 +275,7 @@ def estimate(shape: ModelShape, layout: Layout, seq_len: int, precision: str = "
 
 
 # The pick: layouts compare on these criteria in order, the first difference deciding.
-PREFERENCE: tuple[tuple[str, Callable[[Layout], float]], ...] = (
+PREFERENCE: tuple[tuple[str, Callable[[Candidate], float]], ...] = (
     # Tensor parallelism all-reduces activations in every layer; pipelining idles GPUs in its
     # bubble. Data parallelism communicates once per step and overlaps it with backward.
     ("fewer model-parallel GPUs (tp x pp)", lambda l: l.tp * l.pp),
@@ -298,33 +289,30 @@ PREFERENCE: tuple[tuple[str, Callable[[Layout], float]], ...] = (
 )
 
 
-def preference_key(layout: Layout) -> tuple[float, ...]:
+def preference_key(layout: Candidate) -> tuple[float, ...]:
     return tuple(rank(layout) for _, rank in PREFERENCE)
 
 
-def layouts(cfg: ModelConfig, gpus: int, global_batch: Optional[int] = None) -> Iterator[Layout]:
-    """Every layout worth considering on `gpus` GPUs: tp a power of two up to a node, pp dividing
-    the layers, ZeRO 0-3, micro-batch in MICRO_BATCHES (dividing each data-parallel rank's share
-    of the global batch, when given), each checkpointing mode; and only what the trainer accepts
-    (foundry.parallel.topology.Layout.from_config: tp divides the heads and the MLP, ZeRO 0-1 under
-    pipelining). ZeRO > 0 is skipped when dp = 1: partitioning over one rank saves nothing."""
-    from foundry.parallel.topology import Layout as TrainerLayout
-
+def layouts(cfg: Any, gpus: int, global_batch: Optional[int] = None) -> Iterator[Candidate]:
+    """Every candidate worth considering on `gpus` GPUs for the model section `cfg` (ModelShape.of's
+    fields): tp a power of two up to a node, pp dividing the layers, ZeRO 0-3, micro-batch in
+    MICRO_BATCHES (dividing each data-parallel rank's share of the global batch, when given), each
+    checkpointing mode; and only what the trainer accepts (Layout.check: tp divides the heads and the
+    MLP, ZeRO 0-1 under pipelining). ZeRO > 0 is skipped when dp = 1: partitioning over one rank saves nothing."""
     for tp, pp in ((t, p) for t in (1, 2, 4, 8) for p in range(1, cfg.num_layers + 1)):
         if tp > MAX_TP or gpus % (tp * pp) or cfg.num_layers % pp:
             continue
         dp = gpus // (tp * pp)
         for zero in range(4) if dp > 1 else (0,):
             try:
-                TrainerLayout.from_config(ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero,
-                                                         sequence_parallel=tp > 1), cfg, gpus)
-            except ConfigError:
+                Layout(tp, pp, dp).check(cfg, zero, sequence_parallel=tp > 1)
+            except LayoutError:
                 continue
             for micro in MICRO_BATCHES:
                 if global_batch and global_batch % (micro * dp):
                     continue
                 for ckpt in CHECKPOINTING:
-                    yield Layout(tp, pp, dp, zero, micro, ckpt, sequence_parallel=tp > 1)
+                    yield Candidate(tp, pp, dp, zero, micro, ckpt, sequence_parallel=tp > 1)
 
 
 @dataclass
@@ -337,15 +325,15 @@ class Plan:
     seq_len: int
     precision: str
     global_batch: Optional[int]
-    fits: list[tuple[Layout, Memory]] = field(default_factory=list)
+    fits: list[tuple[Candidate, Memory]] = field(default_factory=list)
     considered: int = 0
 
     @property
-    def pick(self) -> tuple[Layout, Memory]:
+    def pick(self) -> tuple[Candidate, Memory]:
         return self.fits[0]
 
 
-def plan(cfg: ModelConfig, gpus: int, gpu_memory_gib: float, seq_len: Optional[int] = None, precision: str = "bf16",
+def plan(cfg: Any, gpus: int, gpu_memory_gib: float, seq_len: Optional[int] = None, precision: str = "bf16",
          global_batch: Optional[int] = None, model_name: str = "the model") -> Plan:
     """Estimate every layout of `layouts` and keep those within (1 - HEADROOM) of the GPU's memory,
     best first. Raises PlanError (one line naming the fix) on a bad argument or when none fits."""
@@ -362,7 +350,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu_memory_gib: float, seq_len: Optional[i
     shape = ModelShape.of(cfg)
     budget = gpu_memory_gib * GIB * (1 - HEADROOM)
     result = Plan(model_name, gpus, gpu_memory_gib, seq_len, precision, global_batch)
-    leanest: Optional[tuple[Layout, Memory]] = None
+    leanest: Optional[tuple[Candidate, Memory]] = None
     for layout in layouts(cfg, gpus, global_batch):
         memory = estimate(shape, layout, seq_len, precision, global_batch)
         result.considered += 1
@@ -376,7 +364,7 @@ def plan(cfg: ModelConfig, gpus: int, gpu_memory_gib: float, seq_len: Optional[i
     return result
 
 
-def _nothing_fits(result: Plan, leanest: Optional[tuple[Layout, Memory]], budget: float) -> str:
+def _nothing_fits(result: Plan, leanest: Optional[tuple[Candidate, Memory]], budget: float) -> str:
     batch = f", global batch {result.global_batch}" if result.global_batch else ""
     head = f"no layout of {result.model} fits {result.gpus} x {result.gpu_memory_gib:g} GiB (seq {result.seq_len}, " \
            f"{result.precision}{batch})"
@@ -389,7 +377,7 @@ def _nothing_fits(result: Plan, leanest: Optional[tuple[Layout, Memory]], budget
             f"use more GPUs or more memory per GPU{shorter}")
 
 
-def default_seq_len(cfg: ModelConfig) -> int:
+def default_seq_len(cfg: Any) -> int:
     """The presets' pretraining context: max_seq_len, capped at 8192 (Llama 3's, before long-context extension)."""
     return min(cfg.max_seq_len, 8192)
 

@@ -1,4 +1,4 @@
-"""Megatron-style tensor parallelism, applied to a plain `foundry.pretrain.model.Llama` from outside.
+"""Megatron-style tensor parallelism, applied to a plain Llama (foundry.pretrain.model) from outside.
 
 Each linear layer's weight is split across the tensor-parallel (tp) group:
 - column-parallel (q/k/v, gate/up, the output head): output features split, each rank computes
@@ -13,10 +13,17 @@ uses the kv head its query heads belong to.
 
 With sequence parallelism (Korthikanti et al. 2022) the activations outside attention and MLP
 (norms, residual stream) are split along the sequence as well: the all-reduce after a row-parallel
-layer becomes a reduce-scatter, and column-parallel layers all-gather their input.
+layer becomes a reduce-scatter, and each norm all-gathers its output once for the column-parallel
+layers it feeds (q, k and v share one gathered input, as gate and up do).
 
 The full model is built first with the run's seed and then sliced, so the parallel model is the
 same function as the plain one whatever tp is. Names of parameters do not change.
+
+The model is transformed by its structure alone, never by its classes (this package imports nothing
+from foundry.pretrain): `model.model.layers` ("0".."n-1"), each block's `self_attn.{q,k,v,o}_proj`
+(with `num_kv_heads` and `head_dim`), `mlp.{gate,up,down}_proj`, `input_layernorm` and
+`post_attention_layernorm`; `model.model.embed_tokens`, `model.model.norm`, `model.lm_head` and
+`model.cfg.{vocab_size,tie_embeddings}`. A norm has a `weight` its `forward(x)` reads.
 """
 
 from __future__ import annotations
@@ -28,42 +35,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from foundry.pretrain.kernels import rms_norm
-from foundry.pretrain.model import Attention, FeedForward, Llama, RMSNorm
-
 Group = Any
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Parameters with one row per vocabulary entry: split across tp ranks, the vocabulary padded to a multiple of tp.
+VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-# Region collectives (Megatron's names): forward and backward are each other's adjoint.
+# Region collectives (Megatron's names): each is a collective in forward and its adjoint in backward.
 
 
-class _CopyToRegion(torch.autograd.Function):
-    """Identity forward; all-reduce of the gradient backward (the input fed every rank's slice)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromRegion(torch.autograd.Function):
-    """All-reduce forward (sum the partial products); identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        x = x.contiguous()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -79,35 +68,37 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
         out = torch.empty_like(parts[0])
         dist.reduce_scatter(out, parts, group=group)
         return out
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
+    return _all_reduce(x, group).chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].contiguous()
 
 
-class _GatherFromSequenceRegion(torch.autograd.Function):
-    """All-gather along the sequence forward; reduce-scatter backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_seq(grad, ctx.group), None
+Collective = Callable[[torch.Tensor, Group], torch.Tensor]
 
 
-class _ReduceScatterToSequenceRegion(torch.autograd.Function):
-    """Reduce-scatter along the sequence forward; all-gather backward."""
+def _region(name: str, forward: Collective, backward: Collective) -> type[torch.autograd.Function]:
+    """An autograd function (`name` in the autograd graph) running `forward` on the input and `backward`
+    on its gradient."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
+    class Region(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, group: Group) -> torch.Tensor:
+            ctx.group = group
+            return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_gather_seq(grad, ctx.group), None
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor):
+            return backward(grad, ctx.group), None
+
+    Region.__name__ = Region.__qualname__ = name
+    return Region
+
+
+# The input fed every rank's slice: identity forward, the gradients summed backward.
+_CopyToRegion = _region("CopyToRegion", _identity, _all_reduce)
+# Partial products summed forward; identity backward.
+_ReduceFromRegion = _region("ReduceFromRegion", _all_reduce, _identity)
+# Sequence parallelism: all-gather along the sequence forward, reduce-scatter backward, and the reverse.
+_GatherFromSequenceRegion = _region("GatherFromSequenceRegion", _all_gather_seq, _reduce_scatter_seq)
+_ReduceScatterToSequenceRegion = _region("ReduceScatterToSequenceRegion", _reduce_scatter_seq, _all_gather_seq)
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -127,9 +118,10 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) ->
 
 
 def _enter_column(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
-    """The full input of a column-parallel layer, with the right collective in backward."""
+    """The full input of a column-parallel layer, with the right collective in backward. Under sequence
+    parallelism the norm before the layer has gathered it already (and reduce-scatters its gradient)."""
     if sequence_parallel:
-        return gather_from_sequence_parallel_region(x, group)
+        return x
     return copy_to_tensor_model_parallel_region(x, group)
 
 
@@ -151,25 +143,30 @@ def _mark_split(p: nn.Parameter, dim: int) -> nn.Parameter:
 # Layers.
 
 
-class ColumnParallelLinear(nn.Module):
-    """y[..., slice] = x W[slice]^T: this rank's rows of W (output features)."""
+class _SplitLinear(nn.Module):
+    """A bias-free linear layer holding this rank's slice of W along `split_dim`."""
+
+    split_dim: int
 
     def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool):
         super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.weight = _mark_split(nn.Parameter(weight), dim=self.split_dim)
         self.group, self.sequence_parallel = group, sequence_parallel
+
+
+class ColumnParallelLinear(_SplitLinear):
+    """y[..., slice] = x W[slice]^T: this rank's rows of W (output features)."""
+
+    split_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_enter_column(x, self.group, self.sequence_parallel), self.weight)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_SplitLinear):
     """y = sum over ranks of x[..., slice] W[:, slice]^T: this rank's columns of W (input features)."""
 
-    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool):
-        super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=1)
-        self.group, self.sequence_parallel = group, sequence_parallel
+    split_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _leave_row(F.linear(x, self.weight), self.group, self.sequence_parallel)
@@ -206,17 +203,23 @@ class VocabParallelEmbedding(nn.Module):
         return _leave_row(out, self.group, self.sequence_parallel)
 
 
-class SequenceParallelRMSNorm(RMSNorm):
-    """RMSNorm over a sequence slice: its weight gradient is partial on each rank and is summed."""
+class SequenceParallelNorm(nn.Module):
+    """A norm over this rank's slice of the sequence, its output all-gathered whole for the column-parallel
+    layers it feeds. Its weight gradient is partial on each rank and is summed. It runs the original norm's
+    own forward (and so the kernel that norm was built with) on the weight copied into the tensor-parallel
+    region, and holds that weight itself, so the parameter keeps its name."""
 
-    def __init__(self, norm: RMSNorm, group: Group):
-        super().__init__(norm.weight.shape[0], norm.eps)
+    def __init__(self, norm: nn.Module, group: Group):
+        super().__init__()
         self.weight = norm.weight
         self.group = group
+        # Not a submodule: its weight is registered here, once, under the same name it had.
+        object.__setattr__(self, "norm", norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tensor_model_parallel_region(self.weight, self.group)
-        return rms_norm(x, weight, self.eps)
+        normed = torch.func.functional_call(self.norm, {"weight": weight}, (x,))
+        return gather_from_sequence_parallel_region(normed, self.group)
 
 
 # The loss.
@@ -274,7 +277,7 @@ def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
 
 
-def _parallelize_attention(attn: Attention, group: Group, rank: int, tp: int, sp: bool) -> None:
+def _parallelize_attention(attn: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
     attn.q_proj = ColumnParallelLinear(_shard(attn.q_proj.weight, 0, rank, tp), group, sp)
     if attn.num_kv_heads >= tp:
         attn.k_proj = ColumnParallelLinear(_shard(attn.k_proj.weight, 0, rank, tp), group, sp)
@@ -287,16 +290,13 @@ def _parallelize_attention(attn: Attention, group: Group, rank: int, tp: int, sp
     attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, tp), group, sp)
 
 
-def _parallelize_mlp(mlp: FeedForward, group: Group, rank: int, tp: int, sp: bool) -> None:
+def _parallelize_mlp(mlp: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
     mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, tp), group, sp)
     mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, tp), group, sp)
     mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, tp), group, sp)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def apply_tensor_parallel(model: Llama, group: Group, sequence_parallel: bool = False) -> LossFn:
+def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: bool = False) -> LossFn:
     """Swap `model`'s layers for tensor-parallel ones in place; return the matching loss function."""
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     sp = sequence_parallel
@@ -304,10 +304,10 @@ def apply_tensor_parallel(model: Llama, group: Group, sequence_parallel: bool = 
         _parallelize_attention(block.self_attn, group, rank, tp, sp)
         _parallelize_mlp(block.mlp, group, rank, tp, sp)
         if sp:
-            block.input_layernorm = SequenceParallelRMSNorm(block.input_layernorm, group)
-            block.post_attention_layernorm = SequenceParallelRMSNorm(block.post_attention_layernorm, group)
+            block.input_layernorm = SequenceParallelNorm(block.input_layernorm, group)
+            block.post_attention_layernorm = SequenceParallelNorm(block.post_attention_layernorm, group)
     if sp:
-        model.model.norm = SequenceParallelRMSNorm(model.model.norm, group)
+        model.model.norm = SequenceParallelNorm(model.model.norm, group)
 
     # The vocabulary is padded to a multiple of tp; the loss masks the padded columns.
     vocab_size = model.cfg.vocab_size

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from foundry.pretrain.model import VOCAB_PARAMS
+from foundry.parallel.tensor import VOCAB_PARAMS, pad_vocab_rows
+from foundry.pretrain.config import first_line
 
 log = logging.getLogger("foundry")
 
@@ -42,10 +43,6 @@ class CheckpointError(ValueError):
 
 class SaveError(RuntimeError):
     """A save that failed on some rank (disk full, no permission); the previous checkpoint is untouched."""
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def tag_for(step: int) -> str:
@@ -155,7 +152,7 @@ class _Writes:
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
             where = Path(path) if Path(path).is_dir() else Path(path).parent
             free = shutil.disk_usage(where).free if where.exists() else 0
-            self.errors.append(f"writing {path}: {type(e).__name__}: {_first_line(e)} ({free / 2**20:.1f} MiB free "
+            self.errors.append(f"writing {path}: {type(e).__name__}: {first_line(e)} ({free / 2**20:.1f} MiB free "
                                f"there)")
 
     @contextlib.contextmanager
@@ -317,8 +314,6 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
     """Set weights, moments, step and schedule of `engine` (any layout, ZeRO 1/2) from a checkpoint's
     layout-free copy. Collective-free: each rank reads files."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from foundry.parallel.tensor import pad_vocab_rows
 
     by_name, scheduler = _read_universal(tag_dir)
     zero = engine.optimizer

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from foundry.data.stream import Dataset, read_shard
 from foundry.data.tokenizer import DataError
 from foundry.parallel.topology import Topology
 from foundry.pretrain.kernels import cross_entropy
+
+if TYPE_CHECKING:
+    from foundry.pretrain.build import Run
 
 log = logging.getLogger("foundry")
 
@@ -57,11 +60,13 @@ def eval_windows(ds: Dataset, seq_len: int, tokens: int) -> torch.Tensor:
 
 
 class Evaluator:
-    """Scores the model on each validation set; every rank calls `run` at the same step."""
+    """Scores the model on each validation set every `interval` steps (0: never) and at the end of training;
+    every rank calls `run` at the same step."""
 
     def __init__(self, sets: list[Dataset], seq_len: int, tokens: int, micro_batch: int, topology: Topology,
-                 device: torch.device):
+                 device: torch.device, interval: int = 0):
         self.topology, self.micro_batch, self.device, self.seq_len = topology, micro_batch, device, seq_len
+        self.interval = interval
         layout = topology.layout
         self.sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for ds in sets:
@@ -77,6 +82,16 @@ class Evaluator:
         # The loss is counted once: by the last pipeline stage's first tensor-parallel rank.
         self.counts = topology.pp_rank == layout.pp - 1 and topology.tp_rank == 0
         self.tokens = tokens
+
+    @classmethod
+    def for_run(cls, run: Run, sets: list[Dataset]) -> Evaluator:
+        cfg = run.cfg
+        return cls(sets, cfg.data.seq_len, cfg.eval.tokens, cfg.train.micro_batch_size, run.topology, run.device,
+                   cfg.eval.interval)
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to evaluate after step `step` (`last`: the last step of this process, by max_steps or a stop)."""
+        return bool(self.sets) and (last or bool(self.interval) and step % self.interval == 0)
 
     @torch.no_grad()
     def run(self, engine: Any, loss_fn: Any) -> dict[str, dict[str, float]]:

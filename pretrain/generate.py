@@ -12,12 +12,9 @@ import torch
 from tokenizers import Tokenizer
 
 from foundry.data import tokenizer as tk
-
 from foundry.pretrain.checkpoint import CheckpointError, full_weights, verify
 from foundry.pretrain.config import ModelConfig, RopeScalingConfig
 from foundry.pretrain.model import KVCache, Llama
-
-TOKENIZER = "tokenizer.json"  # saved into each checkpoint, so a checkpoint decodes on its own
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -62,10 +59,10 @@ def load_for_generation(tag_dir: Path, device: torch.device) -> tuple[Llama, Tok
     saved = info["identity"]["model"]
     scaling = saved.get("rope_scaling")
     cfg = ModelConfig(**{**saved, "rope_scaling": RopeScalingConfig(**scaling) if scaling else None})
-    if not (tag_dir / TOKENIZER).is_file():
-        raise CheckpointError(f"{tag_dir} has no {TOKENIZER}: it was written before checkpoints carried their "
+    if not (tag_dir / tk.TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{tag_dir} has no {tk.TOKENIZER_FILE}: it was written before checkpoints carried their "
                               f"tokenizer; copy the run's tokenizer.json into it")
     model = Llama(cfg)
     model.load_state_dict(full_weights(tag_dir, cfg.vocab_size, cfg.tie_embeddings))
-    return model.to(device).eval(), tk.load(str(tag_dir / TOKENIZER))
+    return model.to(device).eval(), tk.load(str(tag_dir / tk.TOKENIZER_FILE))
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from foundry.pretrain.build import Run
 
 log = logging.getLogger("foundry")
 
@@ -27,12 +30,21 @@ class TooManyBadSteps(RuntimeError):
 
 
 class StepGuard:
-    def __init__(self, spike_factor: float, window: int, max_in_row: int, state: dict[str, Any] | None = None):
+    def __init__(self, spike_factor: float, window: int, max_in_row: int):
         self.spike_factor, self.max_in_row = spike_factor, max_in_row
-        state = state or {}
-        self.recent: deque[float] = deque(state.get("recent", []), maxlen=window)  # losses of applied steps
-        self.skipped = state.get("skipped", 0)  # over the whole run
-        self.in_row = state.get("in_row", 0)
+        self.recent: deque[float] = deque(maxlen=window)  # losses of applied steps
+        self.skipped = 0  # over the whole run
+        self.in_row = 0
+
+    @classmethod
+    def for_run(cls, run: Run) -> StepGuard:
+        """The guard of `run`'s training steps, attached to its engine."""
+        t = run.cfg.train
+        guard = cls(t.spike_factor, t.spike_window, t.max_skipped_in_row)
+        attach(run.engine)
+        if run.layout.pp > 1:  # the last stage computes the loss of each micro-batch itself
+            run.engine.module.loss_fn = _Checked(run.engine.module.loss_fn, guard)
+        return guard
 
     def limit(self) -> float:
         """The largest micro-batch loss that may be applied now."""
@@ -46,9 +58,6 @@ class StepGuard:
             return loss
         bad = ~torch.isfinite(loss) | (loss > self.limit())
         return loss * torch.where(bad, float("nan"), 1.0)
-
-    def wrap(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        return lambda *args: self.check(loss_fn(*args))
 
     def record(self, step: int, loss: float, applied: bool, data_position: str) -> None:
         """Count step `step` (mean loss `loss`); raises TooManyBadSteps once too many in a row were skipped."""
@@ -75,21 +84,40 @@ class StepGuard:
     def state_dict(self) -> dict[str, Any]:
         return {"recent": list(self.recent), "skipped": self.skipped, "in_row": self.in_row}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent = deque(state["recent"], maxlen=self.recent.maxlen)
+        self.skipped, self.in_row = state["skipped"], state["in_row"]
+
+
+class _Checked:
+    """A loss function whose losses pass the guard's check."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], guard: StepGuard):
+        self.loss_fn, self.guard = loss_fn, guard
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self.guard.check(self.loss_fn(*args))
+
 
 def attach(engine: Any) -> None:
     """Give a plain torch optimizer (ZeRO-0, fp32) the non-finite-gradient skip DeepSpeed's own ones have.
     DeepSpeed reads `optimizer.overflow` after the step: set, it counts the step as skipped and leaves the
     LR schedule where it was."""
     optimizer = engine.optimizer
-    if hasattr(optimizer, "overflow"):
-        return
-    step = optimizer.step
+    if not hasattr(optimizer, "overflow"):
+        optimizer.step = _FiniteStep(optimizer, optimizer.step)
 
-    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+
+class _FiniteStep:
+    """An optimizer's step that is skipped, with `optimizer.overflow` set, when a gradient is not finite."""
+
+    def __init__(self, optimizer: Any, step: Callable[..., Any]):
+        self.optimizer, self.step = optimizer, step
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = self.optimizer
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = torch.stack([g.isfinite().all() for g in grads]).all().float() if grads else torch.ones(())
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # tensor-parallel shards: one verdict for all
         optimizer.overflow = not bool(finite)
-        return None if optimizer.overflow else step(*args, **kwargs)
-
-    optimizer.step = guarded_step
+        return None if optimizer.overflow else self.step(*args, **kwargs)

@@ -1,5 +1,6 @@
 """Kernel paths: which implementation runs attention, RMSNorm and the loss, chosen from the config
-(`[kernels]`) and what is installed, and logged so every run says what it used.
+(`[kernels]`, handed to the model when it is built) and what is installed; the trainer's `kernels:`
+start-up line says which paths a run takes and why.
 
 flash-attn (Dao-AILab) and NVIDIA apex are optional: both build against CUDA and cannot be
 installed on CPU machines. Without flash-attn, or on CPU, or in fp32, attention runs through
@@ -10,15 +11,11 @@ is not installed is a ConfigError before anything starts (`check`).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from foundry.pretrain.config import ConfigError, KernelConfig
-
-log = logging.getLogger(__name__)
 
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
@@ -28,10 +25,6 @@ try:
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine  # type: ignore[import-not-found]
 except ImportError:
     fused_rms_norm_affine = None
-
-# What the run asked for ([kernels]); `configure` sets it on every rank before the model runs.
-_choice = KernelConfig()
-_logged: set[str] = set()
 
 
 def check(cfg: KernelConfig) -> None:
@@ -44,22 +37,23 @@ def check(cfg: KernelConfig) -> None:
                           "github.com/NVIDIA/apex with its CUDA extensions, or use kernels.rmsnorm=auto")
 
 
-def configure(cfg: KernelConfig) -> None:
-    global _choice
-    check(cfg)
-    _choice = cfg
+# Each module that runs a kernel holds its choice (the value of kernels.attention or kernels.rmsnorm), and
+# the path is picked per call from that choice and the tensors: a model built on the meta device or the CPU
+# runs its fast path on the GPU, and two models with different choices can share a process.
 
 
-def _once(what: str, path: str, why: str = "") -> None:
-    if (what, path) not in _logged:
-        _logged.add((what, path))
-        log.info("%s kernel: %s%s", what, path, why)
-
-
-def attention_path(q: torch.Tensor) -> str:
-    """'flash-attn' or 'sdpa' for query tensors like `q`."""
+def attention_path(q: torch.Tensor, choice: str = "auto") -> str:
+    """'flash-attn' or 'sdpa' for query tensors like `q` under kernels.attention=`choice`."""
     usable = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    return "flash-attn" if usable and _choice.attention != "sdpa" else "sdpa"
+    return "flash-attn" if usable and choice != "sdpa" else "sdpa"
+
+
+def explain_attention(q: torch.Tensor, choice: str, documents: bool) -> str:
+    """The attention path for queries like `q`, and why it is not flash-attn: for the start-up log."""
+    path = attention_path(q, choice)
+    why = "" if path == "flash-attn" else " (chosen)" if choice == "sdpa" else \
+        " (flash-attn not installed)" if flash_attn_func is None else " (flash-attn needs CUDA bf16/fp16 tensors)"
+    return path + (" with document masking" if documents else "") + why
 
 
 class Documents:
@@ -91,15 +85,12 @@ class Documents:
         return self._varlen
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None,
+              choice: str = "auto") -> torch.Tensor:
     """Causal attention. q (B, S, H, Dh), k and v (B, S, K, Dh) with K dividing H -> (B, S, H, Dh).
     With `documents`, a token sees only the earlier tokens of its own document. Generating with a KV
     cache, q may be the one newest token (B, 1, H, Dh) of the sequence whose keys k and v hold."""
-    path = attention_path(q)
-    _once("attention", path + (" with document masking" if documents is not None else ""), "" if path == "flash-attn" else (
-        " (chosen)" if _choice.attention == "sdpa" else
-        " (flash-attn not installed)" if flash_attn_func is None else " (flash-attn needs CUDA bf16/fp16 tensors)"))
-    if path == "flash-attn":
+    if attention_path(q, choice) == "flash-attn":
         if documents is None:
             return flash_attn_func(q, k, v, causal=True)  # native GQA when K divides H
         cu_seqlens, max_len = documents.varlen()
@@ -116,17 +107,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Docu
     return out.transpose(1, 2)
 
 
-def rmsnorm_path(x: torch.Tensor) -> str:
+def rmsnorm_path(x: torch.Tensor, choice: str = "auto") -> str:
+    """'apex' or 'torch' for inputs like `x` under kernels.rmsnorm=`choice`."""
     usable = fused_rms_norm_affine is not None and x.is_cuda
-    return "apex" if usable and _choice.rmsnorm != "torch" else "torch"
+    return "apex" if usable and choice != "torch" else "torch"
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def explain_rmsnorm(x: torch.Tensor, choice: str) -> str:
+    """The RMSNorm path for inputs like `x`, and why it is not apex: for the start-up log."""
+    path = rmsnorm_path(x, choice)
+    return path + ("" if path == "apex" else " (apex not installed)" if fused_rms_norm_affine is None
+                   else " (chosen)" if choice == "torch" else " (apex needs CUDA tensors)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, choice: str = "auto") -> torch.Tensor:
     """weight * x / rms(x), normalised in fp32 as Llama does (bf16 sums of squares lose too much)."""
-    path = rmsnorm_path(x)
-    _once("rmsnorm", path, "" if path == "apex" else " (apex not installed)" if fused_rms_norm_affine is None
-          else " (chosen)" if _choice.rmsnorm == "torch" else " (apex needs CUDA tensors)")
-    if path == "apex":
+    if rmsnorm_path(x, choice) == "apex":
         return fused_rms_norm_affine(x, weight, weight.shape, eps)  # computes in fp32 internally
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
 
@@ -139,7 +135,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets), `chunk` tokens at a time: each chunk's fp32 logits exist
     only while it is computed, in forward and again (recomputed) in backward, never the whole (B*S, V)."""
-    _once("loss", f"chunked output layer + cross-entropy, {chunk} tokens per chunk")
     h, y = hidden.flatten(0, -2), targets.flatten()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, h.shape[0], chunk):

@@ -3,12 +3,19 @@
 Read top to bottom in the order data flows. Submodule names follow Hugging Face's
 LlamaForCausalLM (`model.layers.0.self_attn.q_proj`, ...) so checkpoints map one to one.
 Nothing here knows about parallelism: `parallel/` transforms this model from outside.
+
+How the model computes (kernel paths, chunked loss, document masking, recomputation) is fixed when it
+is built (`ModelOptions`). The values of weights and RoPE tables are set by `init_weights` alone, so the
+model can be built on the meta device and materialised later, equal to one built directly from the same
+seed: `with torch.device("meta"): m = Llama(cfg)`, then `m.to_empty(device=...)` and `m.init_weights()`.
+
 Shapes: B batch, S sequence, D hidden, H query heads, K kv heads, Dh head size, V vocab.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +25,32 @@ from torch.utils.checkpoint import checkpoint
 from foundry.pretrain.config import ModelConfig
 from foundry.pretrain.kernels import Documents, attention, cross_entropy, head_cross_entropy, rms_norm
 
-# Parameters with one row per vocabulary entry (padded when the vocabulary is split across ranks).
-VOCAB_PARAMS = ("model.embed_tokens.weight", "lm_head.weight")
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model computes, chosen when it is built. No option changes the parameters, so a checkpoint
+    loads into a model whatever its options."""
+
+    attention: str = "auto"  # kernels.attention: auto, flash-attn or sdpa (pretrain/kernels.py)
+    rmsnorm: str = "auto"  # kernels.rmsnorm: auto, apex or torch
+    # Tokens per chunk of the output layer + loss when targets are given (0: the whole logits at once).
+    loss_chunk: int = 0
+    # Document masking: the token id that ends a document (None: off). Tokens attend only within their
+    # own document of the packed window, and RoPE positions restart at each document.
+    document_end: int | None = None
+    # Activation checkpointing: blocks 0, n, 2n, ... recompute their activations in backward instead of
+    # storing them (1: every block; 0: none).
+    recompute_every: int = 0
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernel: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel = eps, kernel
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.kernel)
 
 
 def rope_frequencies(head_dim: int, cfg: ModelConfig) -> torch.Tensor:
@@ -82,8 +103,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernel: str = "auto"):
         super().__init__()
+        self.kernel = kernel
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
@@ -102,7 +124,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.extend(self, k, v)
-        out = attention(q, k, v, documents)  # (B, S, H, Dh), causal (within each document)
+        out = attention(q, k, v, documents, self.kernel)  # (B, S, H, Dh), causal (within each document)
         return self.o_proj(out.flatten(2))
 
 
@@ -120,14 +142,14 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    # Recompute this block's activations in backward instead of storing them (activation checkpointing).
-    recompute: bool = False
+    """`recompute`: recompute this block's activations in backward instead of storing them."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions(), recompute: bool = False):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.recompute = recompute
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, options.rmsnorm)
+        self.self_attn = Attention(cfg, options.attention)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, options.rmsnorm)
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -145,41 +167,57 @@ class TransformerBlock(nn.Module):
 class LlamaBody(nn.Module):
     """Embedding, blocks and final norm: HF's `LlamaModel`, the `model.` prefix of its keys."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        every = options.recompute_every
         # A dict keyed "0".."n-1" keeps layer names stable when a pipeline stage holds only some.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.num_layers)})
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, options, recompute=bool(every) and i % every == 0)
+                                     for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, options.rmsnorm)
 
 
 class Llama(nn.Module):
     """tokens (B, S) -> logits (B, S, V); with targets (B, S), the mean next-token loss instead. With a
     KVCache, `tokens` continue the cached sequence (see pretrain/generate.py)."""
 
-    # Tokens per chunk of the output layer + loss when targets are given (0: all at once; see kernels).
-    loss_chunk: int = 0
-    # Document masking: the token id that ends a document (None: off). Tokens attend only within their
-    # own document of the packed window, and RoPE positions restart at each document.
-    document_end: int | None = None
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions()):
         super().__init__()
-        self.cfg = cfg
-        self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_cos_sin(rope_frequencies(cfg.hidden_size // cfg.num_heads, cfg), cfg.max_seq_len)
-        # Not persistent: derived from the config, so checkpoints stay free of it.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.cfg, self.options = cfg, options
+        # Built without values, then given memory on the device in use: every value comes from init_weights,
+        # so the weights depend on the seed through it alone, as when the model is built on the meta device.
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.model = LlamaBody(cfg, options)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            # Not persistent: derived from the config, so checkpoints stay free of them.
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
+        self.to_empty(device=device)
         self.init_weights()
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Llama:
+        """Memory for every parameter and buffer on `device`, values unset (see init_weights); tied
+        embeddings stay one parameter."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.hidden_size // self.cfg.num_heads
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, init_std); the projections that write into the residual stream get
-        init_std / sqrt(2 * num_layers) so the residual variance stays bounded with depth (GPT-2)."""
+        """The RoPE tables, and weights Normal(0, init_std); the projections that write into the residual
+        stream get init_std / sqrt(2 * num_layers) so the residual variance stays bounded with depth (GPT-2).
+        Nothing to do on the meta device; after `to_empty` it sets every value."""
+        if self.rope_cos.is_meta:
+            return
+        cos, sin = rope_cos_sin(rope_frequencies(self.head_dim, self.cfg), self.cfg.max_seq_len)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
@@ -195,10 +233,10 @@ class Llama(nn.Module):
         S = tokens.shape[1]
         start = cache.length if cache is not None else 0
         documents = None
-        if self.document_end is None:
+        if self.options.document_end is None:
             cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         else:
-            ids, positions = document_positions(tokens, self.document_end)
+            ids, positions = document_positions(tokens, self.options.document_end)
             documents = Documents(ids)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, S, Dh)
         x = self.model.embed_tokens(tokens)  # (B, S, D)
@@ -209,8 +247,8 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)  # (B, S, V)
-        if self.loss_chunk:
-            return head_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+        if self.options.loss_chunk:
+            return head_cross_entropy(x, self.lm_head.weight, targets, self.options.loss_chunk)
         return cross_entropy(self.lm_head(x), targets)
 
 

@@ -10,6 +10,8 @@ rank's last step, writes every thread's Python stack to this rank's log (where a
 its own code shows where), and exits the process with code 3, so torchrun ends the job and
 `foundry launch` can relaunch it from the last checkpoint.
 The clock starts after the first step (start-up and compilation take as long as they take).
+When a collective fails instead (gloo and NCCL notice a peer that died), `explain` names the culprits
+from the same records. With train.step_timeout_seconds=0 the watchdog is off and keeps no records.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from foundry.pretrain.build import Run
 
 log = logging.getLogger("foundry")
 
@@ -29,19 +37,37 @@ EXIT_CODE = 3
 
 
 class Watchdog:
-    def __init__(self, store: Any, rank: int, world_size: int, timeout: float, stack_file: Any):
+    def __init__(self, store: Any, rank: int, world_size: int, timeout: float, stack_path: Path):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
-        self.stack_file = stack_file  # an open file: faulthandler writes to its descriptor
         self.step: int | None = None
         self.last = time.monotonic()
         self._done = threading.Event()
+        if not timeout:
+            return
+        self.stack_file = stack_path.open("a")  # open now: faulthandler writes to its descriptor
         # Where each rank runs, to name nodes in the blame: the launcher's FOUNDRY_NODE_ADDR, else the hostname.
         self._set(f"foundry/node/{rank}", os.environ.get("FOUNDRY_NODE_ADDR") or socket.gethostname())
         threading.Thread(target=self._watch, name="foundry-watchdog", daemon=True).start()
 
+    @classmethod
+    def for_run(cls, run: Run) -> Watchdog:
+        """This rank's watchdog, keeping its records in torchrun's store; its stacks go to this rank's log."""
+        rank, run_dir = dist.get_rank(), Path(run.cfg.train.run_dir)
+        return cls(dist.distributed_c10d._get_default_store(), rank, dist.get_world_size(),
+                   run.cfg.train.step_timeout_seconds, run_dir / "logs" / f"rank{rank}.log")
+
     def beat(self, step: int) -> None:
+        """Step `step` finished on this rank."""
+        if not self.timeout:
+            return
         self.step, self.last = step, time.monotonic()
         self._set(f"foundry/heartbeat/{self.rank}", step)
+
+    def explain(self, e: BaseException) -> None:
+        """If `e` is a collective that failed (a peer died or went silent), say which ranks to blame."""
+        if _collective_failed(e):
+            log.error("a collective failed (%s); %s", (str(e).strip().splitlines() or [""])[0][:300],
+                      self.culprits() if self.timeout else "no watchdog records (train.step_timeout_seconds=0)")
 
     def stop(self) -> None:
         self._done.set()
@@ -97,3 +123,9 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - the store may be gone with the job; report what we have
                 continue
         return values
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo reports these as plain RuntimeErrors)."""
+    return isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(
+        word in str(e) for word in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer"))

@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -53,6 +56,49 @@ def torchrun(nproc: int, args: list[str], timeout: float = 300, module: str = "f
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+class Output:
+    """A child's output, read line by line on a thread as it comes, each line stamped with the time it arrived:
+    a test waits for the line that tells it what it waits for, rather than sleeping and looking."""
+
+    def __init__(self, stream: IO[str]):
+        self.lines: list[tuple[float, str]] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append((time.time(), line))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def _first(self, text: str) -> float | None:
+        return next((at for at, line in self.lines if text in line), None)
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """When the first line holding `text` arrived, waiting up to `timeout` s for it; fails if the output
+        ends (the child exited) or the time runs out first."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended or self._first(text) is not None, timeout)
+            at = self._first(text)
+        if at is None:
+            why = "the output ended" if self._ended else f"{timeout:.0f} s passed"
+            raise AssertionError(f"{why} without a line holding {text!r}:\n{self.text()[-3000:]}")
+        return at
+
+    def close(self, timeout: float = 10) -> str:
+        """All of it, once the child has exited (its end of the pipe closed)."""
+        self._reader.join(timeout)
+        return self.text()
+
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -19,10 +19,12 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from foundry.pretrain.engine import free_port
 from tests.netns import Nodes
 
+T = TypeVar("T")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
@@ -113,18 +115,23 @@ def start(root: Path, nodes: Nodes | None = None) -> tuple[Path, list[int]]:
     names = _node_names(nodes)
     for i, name in enumerate(names):
         subprocess.run([*in_node(nodes, i), "/usr/sbin/slurmd", "-f", str(conf), "-N", name], check=True, env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        state = subprocess.run([*in_node(nodes), "sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True,
-                               text=True, env=env)
-        if state.stdout.strip() == "idle":
-            break
-        time.sleep(0.5)
-    else:
-        raise RuntimeError(f"the SLURM nodes never became idle; see the logs in {root}")
+    wait_until(lambda: subprocess.run([*in_node(nodes), "sinfo", "-h", "-p", "cpu", "-o", "%t"], capture_output=True,
+                                      text=True, env=env).stdout.strip() == "idle",
+               60, f"the SLURM nodes to become idle (logs in {root})")
     for pid_file in ("slurmctld.pid", *(f"slurmd-{name}.pid" for name in names)):
         started.append(int((root / pid_file).read_text()))
     return conf, started
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, poll: float = 0.5) -> T:
+    """Polls `condition` until it gives a true value, and returns that. Only for what SLURM keeps to itself (a
+    node's or a job's state, a log slurmd writes): no SLURM command blocks until a job ends or a node is up."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+    return value
 
 
 def stop(pids: list[int]) -> None:

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from foundry.pretrain.checkpoint import MARKER, POINTER, CheckpointError, tag_for, verify
-from tests.conftest import REPO, data_args, read_metrics, torchrun
+from tests.conftest import REPO, Output, data_args, read_metrics, torchrun
+from tests.pause_mid_save import PAUSED
 
 STEPS = 10
 COMMON = [
@@ -40,29 +40,21 @@ def test_stop_and_resume_gives_bitwise_identical_losses(tmp_path, stdlib_shards,
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, stdlib_shards) -> Path:
-    """A run saving at every step, SIGKILLed while a save is half-written."""
+    """A run saving at every step, SIGKILLed while the save of step 5 is half-written (tests/pause_mid_save.py
+    holds it there and says so): steps 1-4 saved whole, the newest three of them kept."""
     run_dir = tmp_path_factory.mktemp("killed")
-    ckpt = run_dir / "checkpoints"
-    cmd = [sys.executable, "-m", "foundry.launch.cli", "train", *COMMON, *data_args(stdlib_shards), "train.max_steps=400",
-           "tracking.mlflow=false",
-           "checkpoint.interval=1", "data.workers=0", f"train.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
+    cmd = [sys.executable, "-m", "tests.pause_mid_save", "train", *COMMON, *data_args(stdlib_shards),
+           "train.max_steps=400", "tracking.mlflow=false", "checkpoint.interval=1", "data.workers=0",
+           f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "FOUNDRY_PAUSE_SAVE_STEP": "5"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(proc.stdout)
     try:
-        while time.time() < deadline and proc.poll() is None:
-            pointer = (ckpt / POINTER).read_text().strip() if (ckpt / POINTER).is_file() else ""
-            partial = [d for d in ckpt.glob("step*") if d.name > pointer and not (d / MARKER).exists()
-                       and any(d.iterdir())]
-            if pointer and partial:  # a save has started writing and not finished: kill it now
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.002)
+        output.wait_for(f"{PAUSED} 5", timeout=240)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be interrupted"
+        output.close()
     return run_dir
 
 
@@ -71,7 +63,7 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint(killed_run, stdli
     pointer = (ckpt / POINTER).read_text().strip()
     verify(ckpt / pointer, {})  # every file it lists is there, whole
     partial = [d for d in ckpt.glob("step*") if not (d / MARKER).exists()]
-    assert partial and all(d.name > pointer for d in partial)
+    assert pointer == tag_for(4) and [d.name for d in partial] == [tag_for(5)]
     with pytest.raises(CheckpointError, match="did not finish"):
         verify(partial[0], {})
     # The run resumes from the pointer's checkpoint and goes on.
@@ -108,7 +100,7 @@ def test_damaged_or_foreign_checkpoints_are_refused_with_the_missing_piece(kille
 
 def test_only_the_newest_complete_checkpoints_are_kept(killed_run):
     complete = sorted(d.name for d in (killed_run / "checkpoints").glob("step*") if (d / MARKER).exists())
-    assert 0 < len(complete) <= 3
+    assert len(complete) == 3  # of the four or more saved whole
 
 
 def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shards):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency (pyproject [test]): missing, the module fails rather than skips
 from safetensors.torch import load_file
 
 from foundry.launch.cli import main
@@ -36,7 +37,6 @@ def run_dir(tmp_path) -> Path:
 
 
 def test_export_loads_in_transformers_with_the_same_logits(run_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
     assert main(["convert", "export", str(run_dir), "--out", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()

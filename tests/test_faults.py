@@ -17,7 +17,7 @@ import torch
 from foundry.pretrain.checkpoint import POINTER, tag_for, verify
 from foundry.pretrain.stop import read_status
 from tests.conftest import data_args, read_metrics, torchrun
-from tests.test_launch import TINY, _Launcher, _logged_steps, _wait_for, _workers
+from tests.test_launch import TINY, _Launcher, _workers
 
 
 def test_a_frozen_rank_trips_the_watchdog_which_names_it_within_the_limit(tmp_path, stdlib_shards):
@@ -26,7 +26,7 @@ def test_a_frozen_rank_trips_the_watchdog_which_names_it_within_the_limit(tmp_pa
                           "data.workers=0", f"train.run_dir={run_dir}"])
     frozen = None
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 5, 180, "5 logged steps")
+        launcher.wait_for_step(5, timeout=180)
         frozen = _workers(run_dir)[1]
         os.kill(frozen, signal.SIGSTOP)  # as a hung node: alive, silent, holding its peers in a collective
         stopped_at = time.time()
@@ -41,7 +41,7 @@ def test_a_frozen_rank_trips_the_watchdog_which_names_it_within_the_limit(tmp_pa
     assert launcher.proc.returncode != 0, out[-2000:]
     fired = launcher.first("watchdog: no step finished") - stopped_at
     assert 6 <= fired < 8 + 10, f"the watchdog fired {fired:.1f} s after the rank froze (limit 8 s)"
-    line = next(line for _, line in launcher.lines if "watchdog: no step finished" in line)
+    line = next(line for _, line in launcher.output.lines if "watchdog: no step finished" in line)
     assert "blame rank 1 (node " in line and "rank 1: step" in line and "not answering" in line, line
     assert "--- watchdog: Python stacks of rank 0 ---" in (run_dir / "logs" / "rank0.log").read_text()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,8 @@ import torch
 
 from foundry.pretrain import kernels
 from foundry.pretrain.config import ConfigError, KernelConfig
-from foundry.pretrain.model import Llama, TransformerBlock, rope_cos_sin, rope_frequencies
-from tests.conftest import data_args, read_metrics, torchrun
+from foundry.pretrain.model import Llama, ModelOptions, TransformerBlock, rope_cos_sin, rope_frequencies
+from tests.conftest import REPO, data_args, read_metrics, torchrun
 
 
 def _grads(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -29,17 +32,29 @@ def test_chunked_output_layer_and_loss_match_the_whole_logits():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_the_model_computing_its_own_chunked_loss_matches_loss_of_its_logits(tiny):
+def test_two_models_in_one_process_each_compute_the_loss_their_own_way(tiny, monkeypatch):
+    """One model built with the chunked loss, one without, used in turns: each keeps its path, and the two
+    agree with the loss of the whole logits."""
+    import foundry.pretrain.model as model_module
+
+    chunked_calls = []
+    head_cross_entropy = model_module.head_cross_entropy
+    monkeypatch.setattr(model_module, "head_cross_entropy",
+                        lambda *args: chunked_calls.append(args[-1]) or head_cross_entropy(*args))
     torch.manual_seed(0)
-    model = Llama(tiny)
+    whole = Llama(tiny)
+    torch.manual_seed(0)
+    chunked = Llama(tiny, ModelOptions(loss_chunk=20))
     tokens = torch.randint(0, tiny.vocab_size, (2, 33))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    reference = kernels.cross_entropy(model(inputs), targets)
-    ref_grads = _grads(reference, *model.parameters())
-    model.loss_chunk = 20
-    chunked = model(inputs, targets)
-    assert torch.allclose(chunked, reference, rtol=1e-6, atol=0)
-    for a, b in zip(_grads(chunked, *model.parameters()), ref_grads):
+    reference = kernels.cross_entropy(whole(inputs), targets)
+    losses = {}
+    for name, model in (("chunked", chunked), ("whole", whole), ("chunked again", chunked)):
+        losses[name] = model(inputs, targets)
+    assert chunked_calls == [20, 20]  # the chunked model twice, the whole one never
+    assert torch.equal(losses["whole"], reference)
+    assert torch.allclose(losses["chunked"], reference, rtol=1e-6, atol=0)
+    for a, b in zip(_grads(losses["chunked"], *chunked.parameters()), _grads(reference, *whole.parameters())):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -70,30 +85,93 @@ def test_a_compiled_block_matches_the_eager_block(tiny):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_adamw_takes_the_same_steps_as_foreach():
+class _Gains(torch.nn.Module):
+    """A matrix (weight-decayed) and a vector (not): the two parameter groups the trainer gives AdamW."""
+
+    def __init__(self, matrix: torch.Tensor, vector: torch.Tensor):
+        super().__init__()
+        self.matrix, self.vector = torch.nn.Parameter(matrix.clone()), torch.nn.Parameter(vector.clone())
+
+
+def _engine_steps(workdir: str) -> None:
+    """In a fresh process (it joins a process group of one): the AdamW the trainer builds for this machine
+    (kernels.optimizer_params, rendered by pretrain/engine.py, on DeepSpeed's engine) takes the saved
+    gradients; saves the parameters after each step and the learning rate each step used."""
+    from foundry.pretrain import engine as ds_engine
+    from foundry.pretrain.config import ParallelConfig, TrainConfig
+
+    case = torch.load(Path(workdir) / "case.pt")
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    ds_engine.init_distributed(device)
+    path, params = kernels.optimizer_params(KernelConfig(), device)
+    train = TrainConfig(global_batch_size=1, micro_batch_size=1, max_steps=len(case["grads"]), warmup_steps=2,
+                        lr=1e-2, grad_clip=0.0, precision="fp32")
+    config = ds_engine.deepspeed_config(train, ParallelConfig(), 1, "fp32", params)
+    engine = ds_engine.initialize(_Gains(case["matrix"], case["vector"]).to(device), config)
+    lrs, after = [], []
+    for matrix_grad, vector_grad in case["grads"]:
+        lrs.append(engine.get_lr()[0])  # the rate the coming optimizer step uses
+        m = engine.module
+        engine.backward((m.matrix * matrix_grad.to(device)).sum() + (m.vector * vector_grad.to(device)).sum())
+        engine.step()
+        after.append({name: p.detach().cpu().clone() for name, p in m.named_parameters()})
+    torch.save({"path": path, "lrs": lrs, "after": after}, Path(workdir) / "result.pt")
+
+
+def _reference_adamw(p: torch.Tensor, grads: list[torch.Tensor], lrs: list[float], betas: tuple[float, float],
+                     eps: float, weight_decay: float) -> list[torch.Tensor]:
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2 as torch.optim.AdamW documents it), written out in fp64."""
+    p, m, v, out = p.double(), torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64), []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = g.double()
+        p = p * (1 - lr * weight_decay)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        m_hat, v_hat = m / (1 - betas[0] ** t), v / (1 - betas[1] ** t)
+        p = p - lr * m_hat / (v_hat.sqrt() + eps)
+        out.append(p)
+    return out
+
+
+def test_the_optimizer_the_trainer_builds_takes_adamw_steps(tmp_path):
+    """On CPU the trainer's AdamW is torch's foreach one; on a GPU, torch's fused one (kernels.optimizer_params):
+    either, through the DeepSpeed engine, must take the steps of AdamW written out by hand."""
+    from foundry.pretrain.config import TrainConfig
+
     g = torch.Generator().manual_seed(2)
-    start = torch.randn(64, 16, generator=g)
-    grads = [torch.randn(64, 16, generator=g) for _ in range(5)]
-    results = []
-    for fused in (False, True):
-        p = torch.nn.Parameter(start.clone())
-        opt = torch.optim.AdamW([p], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
-        for grad in grads:
-            p.grad = grad.clone()
-            opt.step()
-        results.append(p.detach())
-    assert torch.allclose(results[0], results[1], rtol=1e-6, atol=1e-7)
+    matrix, vector = torch.randn(64, 16, generator=g), torch.randn(16, generator=g)
+    grads = [(torch.randn(64, 16, generator=g), torch.randn(16, generator=g)) for _ in range(6)]
+    torch.save({"matrix": matrix, "vector": vector, "grads": grads}, tmp_path / "case.pt")
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.test_kernels import _engine_steps; "
+                           "_engine_steps(sys.argv[1])", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt")
+    expected_path = "torch AdamW, fused" if torch.cuda.is_available() else "torch AdamW, foreach"
+    assert result["path"] == expected_path
+    assert result["lrs"][0] == 0.0 and max(result["lrs"]) > 0  # warm-up from 0: the later steps move the weights
+    defaults = TrainConfig()
+    for name, start, decay in (("matrix", matrix, defaults.weight_decay), ("vector", vector, 0.0)):
+        expected = _reference_adamw(start, [grad[name == "vector"] for grad in grads], result["lrs"],
+                                    tuple(defaults.betas), defaults.eps, decay)
+        for step, (after, want) in enumerate(zip(result["after"], expected), start=1):
+            torch.testing.assert_close(after[name].double(), want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} after step {step}: {m}")
+        assert not torch.allclose(result["after"][-1][name], start)  # it moved: equal weights mean something
 
 
-@pytest.mark.parametrize("field, value, error", [
-    ("attention", "flash-attn", "kernels.attention=flash-attn but flash_attn is not installed"),
-    ("rmsnorm", "apex", "kernels.rmsnorm=apex but NVIDIA apex is not installed"),
+@pytest.mark.parametrize("field, value, installed, error", [
+    ("attention", "flash-attn", kernels.flash_attn_func is not None,
+     "kernels.attention=flash-attn but flash_attn is not installed"),
+    ("rmsnorm", "apex", kernels.fused_rms_norm_affine is not None, "kernels.rmsnorm=apex but NVIDIA apex is not installed"),
 ])
-def test_a_kernel_asked_for_by_name_must_be_installed(field, value, error):
-    if (kernels.flash_attn_func if field == "attention" else kernels.fused_rms_norm_affine) is not None:
-        pytest.fail("this test expects a machine without flash-attn and apex (CPU)")
-    with pytest.raises(ConfigError, match=error):
+def test_a_kernel_asked_for_by_name_must_be_installed(field, value, installed, error):
+    """Refused where it is missing (a CPU machine), accepted where it is installed (a GPU machine with it)."""
+    if installed:
         kernels.check(KernelConfig(**{field: value}))
+    else:
+        with pytest.raises(ConfigError, match=error):
+            kernels.check(KernelConfig(**{field: value}))
 
 
 def test_optimizer_paths():
@@ -144,22 +222,24 @@ def test_training_with_the_chunked_loss_and_with_document_masking(tmp_path, shor
 
 
 def test_document_masking_gives_each_packed_document_the_logits_it_has_alone(tiny):
-    torch.manual_seed(0)
-    model = Llama(tiny)
+    """A model with document masking and one without, from the same seed, side by side in one process."""
     end = 7
+    torch.manual_seed(0)
+    plain = Llama(tiny)
+    torch.manual_seed(0)
+    masking = Llama(tiny, ModelOptions(document_end=end))
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(10, tiny.vocab_size, (n,), generator=g) for n in (9, 13, 6)]
     docs = [torch.cat([d, torch.tensor([end])]) for d in docs]  # each document ends with the end token
     packed = torch.cat(docs)[None]  # one window of 31 tokens
-    alone = [model(d[None]) for d in docs]
-    model.document_end = end
-    masked = model(packed)
+    alone = [plain(d[None]) for d in docs]
+    masked = masking(packed)
     offset = 0
     for d, logits in zip(docs, alone):
         assert torch.allclose(masked[:, offset:offset + len(d)], logits, rtol=1e-5, atol=1e-5)
         offset += len(d)
-    model.document_end = None  # without the mask, later documents see earlier ones: the test can fail
-    assert not torch.allclose(model(packed)[:, 10:24], alone[1], rtol=1e-3, atol=1e-3)
+    # Without the mask, later documents see earlier ones: the test can fail.
+    assert not torch.allclose(plain(packed)[:, 10:24], alone[1], rtol=1e-3, atol=1e-3)
 
 
 def test_document_positions_restart_after_each_end_token():

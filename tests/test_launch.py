@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from foundry.data.stream import windows_taken
 from foundry.launch.slurm import render_script
 from foundry.pretrain.config import load_config
 from foundry.pretrain.stop import read_status
-from tests.conftest import REPO, data_args, foundry, read_metrics
-from tests.slurm_cluster import job_ended, scontrol_job
+from tests.conftest import REPO, Output, data_args, foundry, read_metrics
+from tests.slurm_cluster import job_ended, scontrol_job, wait_until
 
 TINY = [
     "configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=16", "train.micro_batch_size=8",
@@ -37,40 +36,31 @@ def _losses_in(log: str) -> dict[int, str]:
     return {int(n): loss for n, loss in re.findall(r"\] step (\d+)/\d+ \| loss (\S+) ", log)}
 
 
-def _wait_for(condition, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def _logged_steps(run_dir: Path) -> int:
     return len(read_metrics(run_dir)) if (run_dir / "metrics.jsonl").is_file() else 0
 
 
 class _Launcher:
-    """`foundry launch local ...` in the background, its output lines stamped with the time they arrived."""
+    """`foundry launch local ...` in the background, its output read as it comes (conftest.Output)."""
 
     def __init__(self, args: list[str], prefix: list[str] = []):
         """`prefix`: what runs the command, e.g. `ip netns exec NODE` (tests/netns.py)."""
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "foundry.launch.cli", "launch", "local", *args], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
-        self.lines: list[tuple[float, str]] = []
-        self.reader = threading.Thread(target=lambda: [self.lines.append((time.time(), line))
-                                                       for line in self.proc.stdout], daemon=True)
-        self.reader.start()
+        self.output = Output(self.proc.stdout)
 
     def wait(self, timeout: float) -> str:
         self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return "".join(line for _, line in self.lines)
+        return self.output.close()
+
+    def wait_for_step(self, step: int, timeout: float) -> None:
+        """Until rank 0 has logged training step `step` (of the first attempt)."""
+        self.output.wait_for(f"] step {step}/", timeout)
 
     def first(self, text: str) -> float:
-        return next(t for t, line in self.lines if text in line)
+        """When the first line holding `text` arrived (the launcher has exited: nothing more will come)."""
+        return self.output.wait_for(text, timeout=0)
 
 
 def _workers(run_dir: Path) -> dict[int, int]:
@@ -95,7 +85,7 @@ def test_a_killed_worker_ends_the_job_and_the_relaunch_resumes_from_the_checkpoi
     launcher = _Launcher([*TINY, *data_args(stdlib_shards), "train.max_steps=60", "checkpoint.interval=10",
                           "launch.max_restarts=2", f"train.run_dir={run_dir}"])
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 25, 180, "25 logged steps")
+        launcher.wait_for_step(25, timeout=180)
         victim = _workers(run_dir)[1]
         os.kill(victim, signal.SIGKILL)
         killed_at = time.time()
@@ -128,7 +118,7 @@ def test_sigterm_to_the_launcher_saves_a_checkpoint_and_does_not_relaunch(tmp_pa
     launcher = _Launcher([*TINY, *data_args(stdlib_shards), "train.max_steps=400", "launch.max_restarts=2",
                           f"train.run_dir={run_dir}"])
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 5, 180, "5 logged steps")
+        launcher.wait_for_step(5, timeout=180)
         launcher.proc.send_signal(signal.SIGTERM)
         out = launcher.wait(timeout=120)
     finally:
@@ -190,7 +180,7 @@ def _submit(args: list[str]) -> str:
 def test_a_slurm_job_trains_with_falling_loss(slurm, tmp_path, stdlib_shards):
     run_dir = tmp_path / "run"
     job = _submit([*TINY, *data_args(stdlib_shards), *SLURM_CPU, "train.max_steps=40", f"train.run_dir={run_dir}"])
-    assert _wait_for(lambda: job_ended(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
+    assert wait_until(lambda: job_ended(job, slurm), 240, f"job {job} to end") == "COMPLETED"
     log = (run_dir / f"slurm-{job}.out").read_text()
     losses = [float(x) for x in re.findall(r"\] step \d+/40 \| loss ([\d.]+)", log)]
     assert len(losses) == 40 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
@@ -204,17 +194,17 @@ def test_the_time_limit_signal_saves_requeues_and_resumes_with_no_step_run_twice
     run_dir = tmp_path / "run"
     job = _submit([*TINY, *data_args(stdlib_shards), *SLURM_CPU, "train.max_steps=100", "checkpoint.interval=50",
                    f"train.run_dir={run_dir}"])
-    _wait_for(lambda: _logged_steps(run_dir) >= 10, 240, "10 logged steps")
+    wait_until(lambda: _logged_steps(run_dir) >= 10, 240, "10 logged steps")  # slurmd runs it: no pipe to read
     # What SLURM sends `launch.grace_seconds` before the time limit (--signal=USR1@...): to every job step.
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    _wait_for(lambda: scontrol_job(job, slurm).get("Restarts") == "1"
+    wait_until(lambda: scontrol_job(job, slurm).get("Restarts") == "1"
               and scontrol_job(job, slurm).get("JobState") == "PENDING", 120, "the job to requeue itself")
     status = foundry(["launch", "status", str(run_dir)]).stdout
     assert f"SLURM {job}: PENDING" in status and "requeued 1 times" in status, status
     assert "stopped at step" in status and "(by SIGUSR1)" in status, status
     # SLURM holds a requeued job for two minutes before it may start again; skip the wait.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-    assert _wait_for(lambda: job_ended(job, slurm), 240, f"job {job} to end", poll=1) == "COMPLETED"
+    assert wait_until(lambda: job_ended(job, slurm), 240, f"job {job} to end") == "COMPLETED"
 
     log = (run_dir / f"slurm-{job}.out").read_text()  # both attempts, appended
     stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+) of 100", log).group(1))

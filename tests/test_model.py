@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # a test dependency (pip install -e .[test]): the equivalence tests must not be skipped
 
 from foundry.pretrain.config import ModelConfig, RopeScalingConfig
-from foundry.pretrain.model import Attention, Llama, apply_rope, rope_cos_sin, rope_frequencies
+from foundry.pretrain.model import Attention, Llama, ModelOptions, apply_rope, rope_cos_sin, rope_frequencies
 
 
 def test_causal_masking(tiny):
@@ -85,7 +86,6 @@ def test_gqa_equals_mha_with_shared_kv_heads(tiny):
 
 @pytest.mark.parametrize("variant", ["plain", "llama3-rope-tied"])
 def test_logits_match_transformers(tiny, variant):
-    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency: pip install -e .[test]")
     cfg = tiny
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if variant != "plain":
@@ -145,3 +145,47 @@ def test_tiny_model_overfits_one_batch(tiny):
         losses.append(loss.item())
     assert losses[0] > 5.0  # ~ln(300) at init
     assert losses[-1] < 0.1, f"did not memorise one batch: loss {losses[0]:.2f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_a_model_built_on_the_meta_device_and_materialised_equals_one_built_directly(tiny, tie_embeddings):
+    tiny = ModelConfig(**{**tiny.__dict__, "tie_embeddings": tie_embeddings})
+    torch.manual_seed(0)
+    direct = Llama(tiny)
+    with torch.device("meta"):
+        deferred = Llama(tiny)
+    assert all(p.is_meta for p in deferred.parameters())  # nothing allocated yet
+    deferred.to_empty(device="cpu")
+    torch.manual_seed(0)
+    deferred.init_weights()
+    assert (deferred.lm_head.weight is deferred.model.embed_tokens.weight) == tie_embeddings
+    assert len(list(deferred.parameters())) == len(list(direct.parameters()))
+    expected = direct.state_dict()
+    for name, value in deferred.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    for name in ("rope_cos", "rope_sin"):  # the buffers checkpoints leave out
+        assert torch.equal(getattr(deferred, name), getattr(direct, name)), name
+    tokens = torch.randint(0, tiny.vocab_size, (2, 16))
+    assert torch.equal(deferred(tokens), direct(tokens))
+
+
+def test_two_models_with_different_recomputation_coexist_and_compute_the_same(tiny):
+    """Activation checkpointing is a per-model option: two models in one process keep their own."""
+    torch.manual_seed(0)
+    stored = Llama(tiny)
+    torch.manual_seed(0)
+    recomputed = Llama(tiny, ModelOptions(recompute_every=2))  # blocks 0, 2, ...
+    assert [b.recompute for b in stored.model.layers.values()] == [False, False]
+    assert [b.recompute for b in recomputed.model.layers.values()] == [True, False]
+    calls = {}  # (model, block): attention forward passes, counted in forward and (recomputed) in backward
+    for model_name, m in (("stored", stored), ("recomputed", recomputed)):
+        for i, block in m.model.layers.items():
+            key = (model_name, i)
+            block.self_attn.register_forward_hook(lambda *_, key=key: calls.__setitem__(key, calls.get(key, 0) + 1))
+    tokens = torch.randint(0, tiny.vocab_size, (2, 17))
+    losses = [m(tokens[:, :-1], tokens[:, 1:]) for m in (stored, recomputed)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    grads = [torch.autograd.grad(loss, list(m.parameters())) for loss, m in zip(losses, (stored, recomputed))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert calls == {("stored", "0"): 1, ("stored", "1"): 1, ("recomputed", "0"): 2, ("recomputed", "1"): 1}

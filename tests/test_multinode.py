@@ -16,8 +16,8 @@ import pytest
 from tests import slurm_cluster
 from tests.conftest import REPO, data_args, read_metrics, torchrun
 from tests.netns import Nodes
-from tests.slurm_cluster import in_node, job_ended
-from tests.test_launch import _Launcher, _logged_steps, _steps_in, _wait_for
+from tests.slurm_cluster import in_node, job_ended, wait_until
+from tests.test_launch import _Launcher, _steps_in
 
 MULTI = ["configs/models/tiny.yaml", "configs/quickstart.yaml", "train.global_batch_size=8", "train.micro_batch_size=4",
          "train.warmup_steps=2", "data.seq_len=64", "tracking.log_interval=1", "checkpoint.resume=true",
@@ -93,7 +93,7 @@ def test_a_killed_node_ends_the_job_within_seconds_and_the_relaunch_resumes(node
     launchers = _launch(nodes, [*MULTI, *data_args(stdlib_shards), "data.workers=0", "train.max_steps=40",
                                 "checkpoint.interval=5", "launch.max_restarts=1", f"train.run_dir={run_dir}"])
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 12, 240, "12 logged steps")
+        launchers[0].wait_for_step(12, timeout=240)  # node 0 holds rank 0, which logs the steps
         nodes.kill(1, spare={launchers[1].proc.pid})  # node 1's torchrun and its worker: the node's job dies
         killed_at = time.time()
         outs = _wait_all(launchers, timeout=300)
@@ -118,7 +118,7 @@ def test_a_node_whose_link_goes_down_ends_the_job_within_the_timeout(nodes, tmp_
                                 f"train.collective_timeout_seconds={timeout}", "train.step_timeout_seconds=600",
                                 f"train.run_dir={run_dir}"])
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 5, 240, "5 logged steps")
+        launchers[0].wait_for_step(5, timeout=240)
         nodes.link_down(1)
         cut_at = time.time()
         out = launchers[0].wait(timeout=timeout + 60)
@@ -141,7 +141,7 @@ def test_a_two_node_slurm_job_meets_at_the_first_nodes_address_and_matches_one_n
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "SLURM_CONF": str(conf)})
     assert submit.returncode == 0, submit.stderr[-3000:]
     job = re.search(r"submitted job (\d+)", submit.stdout).group(1)
-    state = _wait_for(lambda: job_ended(job, conf, nodes), 300, f"job {job} to end", poll=1)
+    state = wait_until(lambda: job_ended(job, conf, nodes), 300, f"job {job} to end")
     log = (tmp_path / "multi" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
     # The node names (node0, node1) resolve nowhere: the rendezvous is at node0's SLURM NodeAddr.

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from foundry.parallel.topology import Layout
-from foundry.pretrain.config import ConfigError, load_config, load_model_config
+from foundry.parallel.layout import Layout, LayoutError
+from foundry.pretrain.config import load_config, load_model_config
 from tests.conftest import data_args, read_metrics, torchrun
 
 STEPS = 10
@@ -96,7 +96,7 @@ def test_consolidated_weights_load_into_the_plain_model(reference):
 )
 def test_bad_layouts_fail_with_numbers_and_an_alternative(world, overrides, message, stdlib_shards):
     cfg = load_config(["configs/models/tiny.yaml", "configs/quickstart.yaml"], [*overrides, *data_args(stdlib_shards)])
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(LayoutError) as e:
         Layout.from_config(cfg.parallel, cfg.model, world)
     assert message in str(e.value) and "\n" not in str(e.value)
 

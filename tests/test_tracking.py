@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from foundry.pretrain.engine import free_port
-from tests.conftest import data_args, read_metrics, torchrun
-from tests.test_launch import TINY, _Launcher, _logged_steps, _wait_for
+from tests.conftest import Output, data_args, read_metrics, torchrun
+from tests.test_launch import TINY, _Launcher, _logged_steps
 
 TRACKED = [a for a in TINY if a != "tracking.mlflow=false"]
 
@@ -36,17 +35,10 @@ class MlflowServer:
         cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
                f"sqlite:///{self.root / 'mlflow.db'}", "--default-artifact-root", str(self.root / "artifacts"),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True,
                                      env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        _wait_for(self._healthy, 180, f"mlflow server on port {self.port} (see {self.root / 'server.log'})", poll=1)
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        Output(self.proc.stdout).wait_for(f"running on {self.url}", 180)  # uvicorn's line once it listens
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -94,7 +86,7 @@ def tracked(mlflow_server, tmp_path_factory, stdlib_shards) -> tuple[Path, str, 
             f"train.run_dir={run_dir}"]
     first = _Launcher(args)
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 8, 180, "8 logged steps")
+        first.wait_for_step(8, 180)
         first.proc.send_signal(signal.SIGTERM)  # stops with a checkpoint; the next launch resumes it
         out = first.wait(timeout=120)
     finally:
@@ -137,11 +129,11 @@ def test_a_server_outage_loses_no_point_and_does_not_stop_training(mlflow_server
     launcher = _Launcher([*TRACKED, *data_args(stdlib_shards), "train.max_steps=150",
                           f"tracking.uri={mlflow_server.url}", "tracking.flush_seconds=300", f"train.run_dir={run_dir}"])
     try:
-        _wait_for(lambda: _logged_steps(run_dir) >= 5 and "MLflow run" in "".join(l for _, l in launcher.lines),
-                  180, "5 logged steps and the MLflow run")
+        launcher.output.wait_for("MLflow run", 180)
+        launcher.wait_for_step(5, 180)
         mlflow_server.stop()
         down_at = _logged_steps(run_dir)
-        _wait_for(lambda: _logged_steps(run_dir) >= down_at + 10, 120, "10 steps trained while MLflow is down")
+        launcher.wait_for_step(down_at + 10, 120)  # 10 steps trained while MLflow is down
         mlflow_server.start()
         out = launcher.wait(timeout=600)
     finally:

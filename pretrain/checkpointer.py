@@ -1,0 +1,116 @@
+"""The run's checkpoints: saved every `checkpoint.interval` steps and at the end, and resumed from.
+
+A save holds the engine's state (model, optimizer, LR schedule, RNG: pretrain/checkpoint.py), the
+layout-free copy that lets another layout resume it (ZeRO 1 and 2), the tokenizer (so that
+`foundry generate` needs nothing else), and in its client state the step, the tokens seen, the
+resolved config and the `state_dict()` of every component registered with the checkpointer (the
+data position, the bad-step guard). A resume hands each component its state back through
+`load_state_dict`: a new stateful component is one more entry in `components`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from foundry.data.tokenizer import TOKENIZER_FILE
+from foundry.parallel.consolidate import full_state_dict
+from foundry.pretrain import checkpoint
+from foundry.pretrain.config import to_yaml
+
+if TYPE_CHECKING:
+    from foundry.pretrain.build import Run
+
+log = logging.getLogger("foundry")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    def __init__(self, run: Run, components: dict[str, Stateful] | None = None):
+        cfg = run.cfg
+        self.run, self.cfg, self.components = run, cfg.checkpoint, components or {}
+        self.dir = Path(cfg.train.run_dir) / "checkpoints"
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+        self.config_yaml = to_yaml(cfg)
+        # Checkpoints carry a layout-free copy under ZeRO 1 and 2, so other layouts can resume them.
+        self.universal = cfg.parallel.zero_stage in (1, 2)
+        # What a checkpoint must match to be loaded exactly (as it reads back from JSON).
+        self.identity = json.loads(json.dumps({"model": dataclasses.asdict(cfg.model),
+                                               "layout": dataclasses.asdict(run.layout),
+                                               "zero_stage": cfg.parallel.zero_stage}))
+        self.notes: Callable[[], dict[str, Any]] = dict  # rank 0's notes for each checkpoint's marker
+        self.resumed_from: Path | None = None
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint (with checkpoint.resume=true, when there is one) into the engine
+        and the components; returns its step, 0 when the run starts fresh."""
+        tag = checkpoint.find_latest(self.dir) if self.cfg.resume else None
+        if tag is None:
+            return 0
+        self.resumed_from = self.dir / tag
+        client_state = self.load(self.resumed_from)
+        for key, component in self.components.items():
+            if client_state.get(key) is not None:  # checkpoints from before a component existed lack its key
+                component.load_state_dict(client_state[key])
+        return client_state["step"]
+
+    def load(self, tag_dir: Path) -> dict[str, Any]:
+        """Load a complete checkpoint into the engine (another layout's through its layout-free copy); returns
+        its client state."""
+        client_state = checkpoint.load(self.run.engine, tag_dir.parent, tag_dir.name, self.identity,
+                                       self._reshard if self.universal else None)
+        log.info("resumed from %s at step %d (%.1fM tokens seen)", tag_dir, client_state["step"],
+                 client_state["tokens"] / 1e6)
+        return client_state
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.cfg.interval) and step % self.cfg.interval == 0
+
+    def save(self, step: int) -> None:
+        """Every rank calls. A failed save raises SaveError on every rank unless checkpoint.continue_on_save_error
+        says to train on."""
+        client_state = {"step": step, "tokens": step * self.tokens_per_step,
+                        **{key: component.state_dict() for key, component in self.components.items()},
+                        "config": self.config_yaml}
+        try:
+            checkpoint.save(self.run.engine, self.dir, step, client_state, self.identity, self.cfg.keep,
+                            also=self._also, notes=self.notes() or None)
+        except checkpoint.SaveError as e:
+            if not self.cfg.continue_on_save_error:
+                raise
+            log.error("%s; training on (checkpoint.continue_on_save_error=true)", str(e).split("; free space")[0])
+
+    def save_consolidated(self) -> None:
+        """The whole model as a plain fp32 state dict in RUN_DIR/model.pt (gathered on rank 0)."""
+        run, model = self.run, self.run.cfg.model
+        full = full_state_dict(run.engine.module, run.plain_names, run.topology, model.vocab_size, model.tie_embeddings)
+        if dist.get_rank() == 0:
+            path = Path(run.cfg.train.run_dir) / "model.pt"
+            torch.save(full, path)
+            log.info("wrote the unsharded fp32 model to %s", path)
+
+    def _also(self, tag_dir: Path) -> None:
+        """What a checkpoint holds besides DeepSpeed's files: the layout-free copy, and the tokenizer."""
+        run = self.run
+        if self.universal:
+            checkpoint.save_universal(run.engine, tag_dir, run.plain_names, run.topology.tp_rank, run.topology.pp_rank,
+                                      run.topology.dp_rank, run.engine.lr_scheduler.state_dict())
+        if dist.get_rank() == 0:
+            shutil.copyfile(run.datasets[0].tokenizer_file, tag_dir / TOKENIZER_FILE)
+
+    def _reshard(self, tag_dir: Path) -> None:
+        run = self.run
+        checkpoint.load_universal(run.engine, tag_dir, run.plain_names, run.topology.tp_rank, run.layout.tp,
+                                  int(tag_dir.name.removeprefix("step")), run.cfg.model.vocab_size)
