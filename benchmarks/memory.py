@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+from foundry.parallel.layout import recompute_every  # noqa: E402
 from foundry.parallel.planner import Candidate, Memory, ModelShape, estimate  # noqa: E402
 from foundry.pretrain.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from foundry.pretrain.model import num_parameters  # noqa: E402
@@ -232,15 +233,6 @@ def run_cell(zero: int, dp: int, args: argparse.Namespace) -> list[dict[str, Any
         return json.loads(Path(out).read_text())
 
 
-def tensor_parallel_missing() -> str | None:
-    """Why tp > 1 cannot run here, or None when parallel/ provides it."""
-    try:
-        from foundry.parallel.tensor import apply_tensor_parallel  # noqa: F401
-    except ImportError as e:
-        return f"tensor parallelism is not available yet ({e})"
-    return None
-
-
 def planned(zero: int, dp: int, tp: int = 1, precision: str = "fp32", reduce_bucket: int = REDUCE_BUCKET) -> Memory:
     """parallel/planner.py's estimate for one cell of this benchmark."""
     layout = Candidate(tp=tp, dp=dp, zero_stage=zero, micro_batch=MICRO_BATCH, sequence_parallel=False)
@@ -330,7 +322,7 @@ def activations() -> str:
               f"{'seq':>5} {'micro':>5} {'ckpt':<9} {'kept':>7} {'plan':>7} {'x':>5}"]
     for seq, micro, ckpt in MODEL_CASES:
         layout = Candidate(micro_batch=micro, checkpointing=ckpt)
-        every = {"off": 0, "full": 1, "selective": layout.checkpoint_interval}[ckpt]
+        every = recompute_every(ckpt, layout.checkpoint_interval)
         with device:
             model = Llama(cfg, ModelOptions(recompute_every=every)).to(bf16)
         tokens = torch.randint(0, cfg.vocab_size, (micro, seq + 1), device=device)
@@ -365,9 +357,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.activations:
         print(activations())
-        return 0
-    if args.tp > 1 and (missing := tensor_parallel_missing()):
-        print(f"skipping tp={args.tp} rows: {missing}")
         return 0
     dps = args.dp or ([1, 2] if args.tp > 1 else [1, 2, 4])
     print(f"model: hidden {MODEL.hidden_size}, {MODEL.num_layers} layers, {num_parameters(MODEL):,} parameters "

@@ -258,31 +258,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> list[tuple[tuple[type[BaseException], ...], str, int]]:
-    """The errors a user can cause or meet, each printed as one line (no traceback) with its exit code."""
-    from foundry.data.tokenizer import DataError
-    from foundry.launch.network import NetworkError
-    from foundry.launch.slurm import LaunchError
-    from foundry.parallel.layout import LayoutError
-    from foundry.pretrain.checkpoint import CheckpointError, SaveError
-    from foundry.pretrain.guard import TooManyBadSteps
+# The errors a user can cause or meet, each printed as one line (no traceback) with its exit code: (module,
+# exception classes in it, what to call it, exit code). An exception can only come from a module that was
+# imported, so they are looked up in sys.modules rather than imported here: `foundry plan` or `launch
+# status` never pay for importing torch just to name an error they cannot raise.
+EXPECTED_ERRORS = (
+    ("foundry.pretrain.config", ("ConfigError",), "config error", 2),
+    ("foundry.parallel.layout", ("LayoutError",), "config error", 2),
+    ("foundry.data.tokenizer", ("DataError",), "data error", 2),
+    ("foundry.pretrain.checkpoint", ("CheckpointError",), "checkpoint error", 2),
+    ("foundry.launch.slurm", ("LaunchError",), "launch error", 2),
+    ("foundry.launch.network", ("NetworkError",), "launch error", 2),
+    ("foundry.pretrain.checkpoint", ("SaveError",), "run stopped", 1),
+    ("foundry.pretrain.guard", ("TooManyBadSteps",), "run stopped", 1),
+)
 
-    return [((ConfigError, LayoutError), "config error", 2), ((DataError,), "data error", 2),
-            ((CheckpointError,), "checkpoint error", 2), ((LaunchError, NetworkError), "launch error", 2),
-            ((SaveError, TooManyBadSteps), "run stopped", 1)]
+
+def _expected(e: Exception) -> tuple[str, int] | None:
+    for module, names, what, exit_code in EXPECTED_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(e, tuple(getattr(loaded, name) for name in names)):
+            return what, exit_code
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    expected = _expected_errors()
     try:
         code = args.run(args)
-    except tuple(t for types, _, _ in expected for t in types) as e:
-        for types, what, exit_code in expected:
-            if isinstance(e, types):
-                print(f"foundry: {what}: {e}", file=sys.stderr)
-                return exit_code
-        raise
+    except Exception as e:
+        expected = _expected(e)
+        if expected is None:
+            raise
+        print(f"foundry: {expected[0]}: {e}", file=sys.stderr)
+        return expected[1]
     return code or 0
 
 

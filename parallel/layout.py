@@ -24,6 +24,12 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def recompute_every(checkpointing: str, interval: int) -> int:
+    """Which blocks recompute their activations in backward under `parallel.activation_checkpointing`:
+    every n-th (blocks 0, n, 2n, ...); 0 for none. `interval` is the n of "selective"."""
+    return {"off": 0, "full": 1, "selective": interval}[checkpointing]
+
+
 @dataclass(frozen=True)
 class Layout:
     """The degrees of parallelism. Create it with `from_config`, which checks it against the world size

@@ -57,7 +57,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from foundry.parallel.layout import Layout, LayoutError
+from foundry.parallel.layout import Layout, LayoutError, recompute_every
 
 GIB = 2**30
 HEADROOM = 0.10  # of each GPU's memory, kept free for fragmentation and what is left out above
@@ -230,7 +230,7 @@ def activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int, precisi
     micro-batch (1F1B runs backward there as soon as a micro-batch's forward ends)."""
     stored, recomputed = layer_activation_bytes(shape, layout, seq_len, attention_scores)
     blocks = stage_layers(shape.layers, layout.pp, stage)
-    every = {"off": 0, "full": 1, "selective": layout.checkpoint_interval}[layout.checkpointing]
+    every = recompute_every(layout.checkpointing, layout.checkpoint_interval)
     checkpointed = sum(1 for i in blocks if every and i % every == 0)  # blocks 0, every, 2 x every, ... as the model
     per_micro_batch = (len(blocks) - checkpointed) * stored + checkpointed * recomputed
     sixteen_bit = in_flight * per_micro_batch + (stored if checkpointed else 0)

@@ -74,9 +74,9 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
 Collective = Callable[[torch.Tensor, Group], torch.Tensor]
 
 
-def _region(name: str, forward: Collective, backward: Collective) -> type[torch.autograd.Function]:
-    """An autograd function (`name` in the autograd graph) running `forward` on the input and `backward`
-    on its gradient."""
+def _region(name: str, forward: Collective, backward: Collective, doc: str) -> type[torch.autograd.Function]:
+    """An autograd function (`name` in the autograd graph, docstring `doc`) running `forward` on the input and
+    `backward` on its gradient."""
 
     class Region(torch.autograd.Function):
         @staticmethod
@@ -89,16 +89,22 @@ def _region(name: str, forward: Collective, backward: Collective) -> type[torch.
             return backward(grad, ctx.group), None
 
     Region.__name__ = Region.__qualname__ = name
+    Region.__doc__ = doc
     return Region
 
 
-# The input fed every rank's slice: identity forward, the gradients summed backward.
-_CopyToRegion = _region("CopyToRegion", _identity, _all_reduce)
-# Partial products summed forward; identity backward.
-_ReduceFromRegion = _region("ReduceFromRegion", _all_reduce, _identity)
-# Sequence parallelism: all-gather along the sequence forward, reduce-scatter backward, and the reverse.
-_GatherFromSequenceRegion = _region("GatherFromSequenceRegion", _all_gather_seq, _reduce_scatter_seq)
-_ReduceScatterToSequenceRegion = _region("ReduceScatterToSequenceRegion", _reduce_scatter_seq, _all_gather_seq)
+_CopyToRegion = _region("CopyToRegion", _identity, _all_reduce,
+                        "The input every rank's slice reads: identity forward, the gradients summed backward.")
+_ReduceFromRegion = _region("ReduceFromRegion", _all_reduce, _identity,
+                            "Partial products summed over the group forward; identity backward.")
+_GatherFromSequenceRegion = _region(
+    "GatherFromSequenceRegion", _all_gather_seq, _reduce_scatter_seq,
+    "Sequence parallelism: the ranks' slices of the sequence all-gathered forward; the gradient reduce-scattered "
+    "backward.")
+_ReduceScatterToSequenceRegion = _region(
+    "ReduceScatterToSequenceRegion", _reduce_scatter_seq, _all_gather_seq,
+    "Sequence parallelism: partial products summed and split along the sequence forward; the gradient all-gathered "
+    "backward.")
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -117,10 +123,11 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: Group) ->
     return _ReduceScatterToSequenceRegion.apply(x, group)
 
 
-def _enter_column(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.Tensor:
-    """The full input of a column-parallel layer, with the right collective in backward. Under sequence
-    parallelism the norm before the layer has gathered it already (and reduce-scatters its gradient)."""
-    if sequence_parallel:
+def _enter_column(x: torch.Tensor, group: Group, input_gathered: bool) -> torch.Tensor:
+    """The full input of a column-parallel layer, with the right collective in backward. `input_gathered`: a
+    SequenceParallelNorm before the layer has all-gathered it along the sequence already (and reduce-scatters
+    its gradient), so nothing is left to do here."""
+    if input_gathered:
         return x
     return copy_to_tensor_model_parallel_region(x, group)
 
@@ -143,30 +150,29 @@ def _mark_split(p: nn.Parameter, dim: int) -> nn.Parameter:
 # Layers.
 
 
-class _SplitLinear(nn.Module):
-    """A bias-free linear layer holding this rank's slice of W along `split_dim`."""
+class ColumnParallelLinear(nn.Module):
+    """y[..., slice] = x W[slice]^T: this rank's rows of W (output features), bias-free.
 
-    split_dim: int
+    `input_gathered`: x arrives whole from a SequenceParallelNorm, which gathered it along the sequence.
+    Set it only there: under sequence parallelism any other input is this rank's 1/tp of the sequence."""
 
-    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool):
+    def __init__(self, weight: torch.Tensor, group: Group, input_gathered: bool = False):
         super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=self.split_dim)
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-
-class ColumnParallelLinear(_SplitLinear):
-    """y[..., slice] = x W[slice]^T: this rank's rows of W (output features)."""
-
-    split_dim = 0
+        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.group, self.input_gathered = group, input_gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_enter_column(x, self.group, self.sequence_parallel), self.weight)
+        return F.linear(_enter_column(x, self.group, self.input_gathered), self.weight)
 
 
-class RowParallelLinear(_SplitLinear):
-    """y = sum over ranks of x[..., slice] W[:, slice]^T: this rank's columns of W (input features)."""
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x[..., slice] W[:, slice]^T: this rank's columns of W (input features), bias-free.
+    Under sequence parallelism the sum is reduce-scattered along the sequence."""
 
-    split_dim = 1
+    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool = False):
+        super().__init__()
+        self.weight = _mark_split(nn.Parameter(weight), dim=1)
+        self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _leave_row(F.linear(x, self.weight), self.group, self.sequence_parallel)
@@ -177,14 +183,14 @@ class ReplicatedKVLinear(nn.Module):
     computes only the kv head its query heads use. Each rank's weight gradient covers its own
     head, so the gradients are summed over the group to give every rank the full one."""
 
-    def __init__(self, weight: torch.Tensor, rows: slice, group: Group, sequence_parallel: bool):
+    def __init__(self, weight: torch.Tensor, rows: slice, group: Group, input_gathered: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight)
-        self.rows, self.group, self.sequence_parallel = rows, group, sequence_parallel
+        self.rows, self.group, self.input_gathered = rows, group, input_gathered  # as ColumnParallelLinear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = copy_to_tensor_model_parallel_region(self.weight, self.group)
-        return F.linear(_enter_column(x, self.group, self.sequence_parallel), weight[self.rows])
+        return F.linear(_enter_column(x, self.group, self.input_gathered), weight[self.rows])
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -213,7 +219,8 @@ class SequenceParallelNorm(nn.Module):
         super().__init__()
         self.weight = norm.weight
         self.group = group
-        # Not a submodule: its weight is registered here, once, under the same name it had.
+        # Not a submodule, so that its weight is registered once, here, under the name it had. Safe: .to(),
+        # .apply() and state_dict() never see `norm`, but the only tensor it holds is that same Parameter.
         object.__setattr__(self, "norm", norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,22 +284,25 @@ def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
 
 
+# `sp`: sequence parallelism, under which every column-parallel layer reads a SequenceParallelNorm's gathered output.
+
+
 def _parallelize_attention(attn: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
-    attn.q_proj = ColumnParallelLinear(_shard(attn.q_proj.weight, 0, rank, tp), group, sp)
+    attn.q_proj = ColumnParallelLinear(_shard(attn.q_proj.weight, 0, rank, tp), group, input_gathered=sp)
     if attn.num_kv_heads >= tp:
-        attn.k_proj = ColumnParallelLinear(_shard(attn.k_proj.weight, 0, rank, tp), group, sp)
-        attn.v_proj = ColumnParallelLinear(_shard(attn.v_proj.weight, 0, rank, tp), group, sp)
+        attn.k_proj = ColumnParallelLinear(_shard(attn.k_proj.weight, 0, rank, tp), group, input_gathered=sp)
+        attn.v_proj = ColumnParallelLinear(_shard(attn.v_proj.weight, 0, rank, tp), group, input_gathered=sp)
     else:
         head = rank // (tp // attn.num_kv_heads)  # the kv head of this rank's query heads
         rows = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
-        attn.k_proj = ReplicatedKVLinear(attn.k_proj.weight.detach().clone(), rows, group, sp)
-        attn.v_proj = ReplicatedKVLinear(attn.v_proj.weight.detach().clone(), rows, group, sp)
+        attn.k_proj = ReplicatedKVLinear(attn.k_proj.weight.detach().clone(), rows, group, input_gathered=sp)
+        attn.v_proj = ReplicatedKVLinear(attn.v_proj.weight.detach().clone(), rows, group, input_gathered=sp)
     attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, tp), group, sp)
 
 
 def _parallelize_mlp(mlp: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
-    mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, tp), group, sp)
-    mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, tp), group, sp)
+    mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, tp), group, input_gathered=sp)
+    mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, tp), group, input_gathered=sp)
     mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, tp), group, sp)
 
 
@@ -315,10 +325,11 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
     shard = embed.shape[0] // tp
     model.model.embed_tokens = VocabParallelEmbedding(_shard(embed, 0, rank, tp), rank * shard, group, sp)
     if model.cfg.tie_embeddings:
-        model.lm_head = ColumnParallelLinear(torch.empty(0), group, sp)
+        model.lm_head = ColumnParallelLinear(torch.empty(0), group, input_gathered=sp)
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
-        model.lm_head = ColumnParallelLinear(_shard(pad_vocab_rows(model.lm_head.weight, tp), 0, rank, tp), group, sp)
+        head = _shard(pad_vocab_rows(model.lm_head.weight, tp), 0, rank, tp)
+        model.lm_head = ColumnParallelLinear(head, group, input_gathered=sp)
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, target, rank * shard, vocab_size, group)

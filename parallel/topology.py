@@ -18,7 +18,7 @@ Under pipeline parallelism DeepSpeed builds its own grid from the same `ds_topol
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -67,19 +67,23 @@ class Topology:
                 if rank in members:
                     self.axes[axis] = ParallelGroup(group, ranks[axis], len(members))
 
+    # The mpu interface DeepSpeed's engine calls, by Megatron's names.
+
+    def get_tensor_model_parallel_group(self) -> Any: return self.axes["tensor_model"].group
+    def get_tensor_model_parallel_rank(self) -> int: return self.axes["tensor_model"].rank
+    def get_tensor_model_parallel_world_size(self) -> int: return self.axes["tensor_model"].world_size
+
     def get_tensor_model_parallel_src_rank(self) -> int:
         return dist.get_rank() - self.tp_rank
 
+    def get_pipeline_model_parallel_group(self) -> Any: return self.axes["pipeline_model"].group
+    def get_pipeline_model_parallel_rank(self) -> int: return self.axes["pipeline_model"].rank
+    def get_pipeline_model_parallel_world_size(self) -> int: return self.axes["pipeline_model"].world_size
 
-def _mpu_getter(axis: str, attribute: str) -> Callable[[Topology], Any]:
-    def get(self: Topology) -> Any:
-        return getattr(self.axes[axis], attribute)
+    def get_data_parallel_group(self) -> Any: return self.axes["data"].group
+    def get_data_parallel_rank(self) -> int: return self.axes["data"].rank
+    def get_data_parallel_world_size(self) -> int: return self.axes["data"].world_size
 
-    get.__name__ = f"get_{axis}_parallel_{attribute}"
-    return get
-
-
-# The mpu interface: one getter per axis and attribute, e.g. get_data_parallel_group().
-for _axis in ("tensor_model", "pipeline_model", "data", "model"):
-    for _attribute in ParallelGroup._fields:
-        setattr(Topology, f"get_{_axis}_parallel_{_attribute}", _mpu_getter(_axis, _attribute))
+    def get_model_parallel_group(self) -> Any: return self.axes["model"].group
+    def get_model_parallel_rank(self) -> int: return self.axes["model"].rank
+    def get_model_parallel_world_size(self) -> int: return self.axes["model"].world_size

@@ -16,27 +16,27 @@ from foundry.data.stream import ShardLoader, merge_states
 
 if TYPE_CHECKING:
     from foundry.pretrain.build import Run
+    from foundry.pretrain.config import DataConfig
 
 log = logging.getLogger("foundry")
 
 
 class Batches:
-    """Micro-batches (inputs, targets), each (micro_batch, seq_len), on this rank's device."""
+    """Micro-batches (inputs, targets), each (micro_batch, seq_len), on this rank's device: `run`'s datasets
+    read as the `data` section says, in the order `seed` draws."""
 
-    def __init__(self, run: Run):
-        self.run = run
-        d, t = run.cfg.data, run.cfg.train
-        self.seed, self.tokens_per_step = t.seed, t.global_batch_size * d.seq_len
+    def __init__(self, run: Run, data: DataConfig, seed: int, micro_batch: int):
+        self.run, self.data, self.seed, self.micro_batch = run, data, seed, micro_batch
         self.loader = self._loader(None)
         self._batches: Iterator[torch.Tensor] | None = None
         log.info("data: %s | %.1fM tokens | %d streams, %d per rank, %d worker%s",
                  ", ".join(f"{ds.name} x {ds.weight:g}" for ds in run.datasets),
-                 sum(ds.manifest["total_tokens"] for ds in run.datasets) / 1e6, d.streams,
-                 d.streams // run.layout.dp, d.workers, "" if d.workers == 1 else "s")
+                 sum(ds.manifest["total_tokens"] for ds in run.datasets) / 1e6, data.streams,
+                 data.streams // run.layout.dp, data.workers, "" if data.workers == 1 else "s")
 
     def _loader(self, state: dict[str, Any] | None) -> ShardLoader:
-        d, t, topology = self.run.cfg.data, self.run.cfg.train, self.run.topology
-        return ShardLoader(self.run.datasets, seq_len=d.seq_len, micro_batch=t.micro_batch_size, seed=t.seed,
+        d, topology = self.data, self.run.topology
+        return ShardLoader(self.run.datasets, seq_len=d.seq_len, micro_batch=self.micro_batch, seed=self.seed,
                            streams=d.streams, workers=d.workers, dp_rank=topology.dp_rank, dp_size=topology.layout.dp,
                            shuffle=d.shuffle, on_error=d.on_error, state=state)
 
@@ -51,7 +51,8 @@ class Batches:
 
     def describe(self, step: int) -> str:
         """Where step `step`'s global batch is in the data, for a message that asks to inspect it."""
-        first, last = (step - 1) * self.tokens_per_step, step * self.tokens_per_step - 1
+        tokens = self.run.tokens_per_step
+        first, last = (step - 1) * tokens, step * tokens - 1
         return f"global batch {step} of the data order (train.seed={self.seed}), tokens {first}-{last} of the run"
 
     def state_dict(self) -> dict[str, Any]:

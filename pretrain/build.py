@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 from foundry.data.stream import Dataset
+from foundry.parallel.layout import Layout, recompute_every
 from foundry.parallel.parallelize import parallelize
-from foundry.parallel.topology import Layout, Topology
+from foundry.parallel.topology import Topology
 from foundry.pretrain import engine as ds_engine
 from foundry.pretrain import kernels
-from foundry.pretrain.config import RunConfig
+from foundry.pretrain.config import KernelConfig, ParallelConfig, RunConfig
 from foundry.pretrain.convert import load_hf
 from foundry.pretrain.flops import device_peak_flops, flops_per_token
 from foundry.pretrain.model import Llama, ModelOptions, num_parameters
@@ -31,7 +32,7 @@ log = logging.getLogger("foundry")
 class Run:
     """This process's part of a run: the model, sliced for this rank, on its DeepSpeed engine."""
 
-    cfg: RunConfig
+    cfg: RunConfig  # for start(); the components are given the sections they use
     datasets: list[Dataset]
     topology: Topology
     grad_accum: int
@@ -46,6 +47,18 @@ class Run:
     @property
     def layout(self) -> Layout:
         return self.topology.layout
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.train.run_dir)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size * self.cfg.data.seq_len
+
+    @property
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.cfg.model, self.cfg.data.seq_len)
 
 
 def pick_device() -> torch.device:
@@ -70,17 +83,16 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
 
 
-def model_options(cfg: RunConfig, layout: Layout, datasets: list[Dataset]) -> ModelOptions:
-    """How this run's model computes: [kernels], document masking and activation checkpointing."""
-    p = cfg.parallel
+def model_options(kernels_cfg: KernelConfig, parallel: ParallelConfig, layout: Layout,
+                  document_end: int | None) -> ModelOptions:
+    """How this run's model computes: [kernels], document masking (`document_end`: the token id that ends a
+    document, None: no masking) and activation checkpointing."""
     return ModelOptions(
-        attention=cfg.kernels.attention, rmsnorm=cfg.kernels.rmsnorm,
+        attention=kernels_cfg.attention, rmsnorm=kernels_cfg.rmsnorm,
         # Under tensor or pipeline parallelism the vocab-parallel loss, or the last stage, owns the loss.
-        loss_chunk=cfg.kernels.loss_chunk_tokens if layout.tp == layout.pp == 1 else 0,
-        # Every dataset has the same tokenizer (preflight checks it).
-        document_end=datasets[0].manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None,
-        recompute_every={"off": 0, "full": 1, "selective": p.activation_checkpointing_interval}[
-            p.activation_checkpointing],
+        loss_chunk=kernels_cfg.loss_chunk_tokens if layout.tp == layout.pp == 1 else 0,
+        document_end=document_end,
+        recompute_every=recompute_every(parallel.activation_checkpointing, parallel.activation_checkpointing_interval),
     )
 
 
@@ -92,7 +104,9 @@ def start(cfg: RunConfig) -> Run:
     setup_logging(dist.get_rank(), Path(cfg.train.run_dir))
     topology = Topology(layout)
     precision = ds_engine.resolve_precision(cfg.train.precision, device)
-    options = model_options(cfg, layout, datasets)
+    # Every dataset has the same tokenizer (preflight checks it).
+    document_end = datasets[0].manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
+    options = model_options(cfg.kernels, cfg.parallel, layout, document_end)
 
     # The model: the same full model on every rank (seeded, or imported), then sliced.
     torch.manual_seed(cfg.train.seed)

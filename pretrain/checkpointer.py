@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,30 +27,35 @@ from foundry.pretrain.config import to_yaml
 
 if TYPE_CHECKING:
     from foundry.pretrain.build import Run
+    from foundry.pretrain.config import CheckpointConfig, ModelConfig
 
 log = logging.getLogger("foundry")
 
 
 class Stateful(Protocol):
+    """A component that owns part of the run's state: saved in each checkpoint, handed back on resume."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Checkpointer:
-    def __init__(self, run: Run, components: dict[str, Stateful] | None = None):
-        cfg = run.cfg
-        self.run, self.cfg, self.components = run, cfg.checkpoint, components or {}
-        self.dir = Path(cfg.train.run_dir) / "checkpoints"
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-        self.config_yaml = to_yaml(cfg)
+    """Owns RUN_DIR/checkpoints: when to save, what a save holds, and the resume from the newest one."""
+
+    def __init__(self, run: Run, checkpoint_cfg: CheckpointConfig, model: ModelConfig, zero_stage: int,
+                 components: dict[str, Stateful] | None = None):
+        """`run`'s engine and `components`' states, saved and resumed as `checkpoint_cfg` (the checkpoint section)
+        says; `model` and `zero_stage` (with the layout): what a checkpoint must match to be loaded."""
+        self.run, self.cfg, self.model, self.components = run, checkpoint_cfg, model, components or {}
+        self.dir = run.run_dir / "checkpoints"
+        self.config_yaml = to_yaml(run.cfg)  # recorded whole in each save, as config.yaml records it
         # Checkpoints carry a layout-free copy under ZeRO 1 and 2, so other layouts can resume them.
-        self.universal = cfg.parallel.zero_stage in (1, 2)
+        self.universal = zero_stage in (1, 2)
         # What a checkpoint must match to be loaded exactly (as it reads back from JSON).
-        self.identity = json.loads(json.dumps({"model": dataclasses.asdict(cfg.model),
+        self.identity = json.loads(json.dumps({"model": dataclasses.asdict(model),
                                                "layout": dataclasses.asdict(run.layout),
-                                               "zero_stage": cfg.parallel.zero_stage}))
-        self.notes: Callable[[], dict[str, Any]] = dict  # rank 0's notes for each checkpoint's marker
+                                               "zero_stage": zero_stage}))
         self.resumed_from: Path | None = None
 
     def resume(self) -> int:
@@ -78,15 +83,16 @@ class Checkpointer:
     def due(self, step: int, last: bool) -> bool:
         return last or bool(self.cfg.interval) and step % self.cfg.interval == 0
 
-    def save(self, step: int) -> None:
-        """Every rank calls. A failed save raises SaveError on every rank unless checkpoint.continue_on_save_error
+    def save(self, step: int, notes: dict[str, Any]) -> None:
+        """Every rank calls; rank 0's `notes` go into the checkpoint's marker, for a resume to read (e.g. the MLflow
+        run it continues). A failed save raises SaveError on every rank unless checkpoint.continue_on_save_error
         says to train on."""
-        client_state = {"step": step, "tokens": step * self.tokens_per_step,
+        client_state = {"step": step, "tokens": step * self.run.tokens_per_step,
                         **{key: component.state_dict() for key, component in self.components.items()},
                         "config": self.config_yaml}
         try:
             checkpoint.save(self.run.engine, self.dir, step, client_state, self.identity, self.cfg.keep,
-                            also=self._also, notes=self.notes() or None)
+                            also=self._also, notes=notes or None)
         except checkpoint.SaveError as e:
             if not self.cfg.continue_on_save_error:
                 raise
@@ -94,10 +100,10 @@ class Checkpointer:
 
     def save_consolidated(self) -> None:
         """The whole model as a plain fp32 state dict in RUN_DIR/model.pt (gathered on rank 0)."""
-        run, model = self.run, self.run.cfg.model
+        run, model = self.run, self.model
         full = full_state_dict(run.engine.module, run.plain_names, run.topology, model.vocab_size, model.tie_embeddings)
         if dist.get_rank() == 0:
-            path = Path(run.cfg.train.run_dir) / "model.pt"
+            path = run.run_dir / "model.pt"
             torch.save(full, path)
             log.info("wrote the unsharded fp32 model to %s", path)
 
@@ -113,4 +119,4 @@ class Checkpointer:
     def _reshard(self, tag_dir: Path) -> None:
         run = self.run
         checkpoint.load_universal(run.engine, tag_dir, run.plain_names, run.topology.tp_rank, run.layout.tp,
-                                  int(tag_dir.name.removeprefix("step")), run.cfg.model.vocab_size)
+                                  int(tag_dir.name.removeprefix("step")), self.model.vocab_size)

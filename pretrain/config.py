@@ -382,11 +382,6 @@ def validate(cfg: RunConfig) -> None:
                           f"relaunch starts over)")
 
 
-def validate_model(m: ModelConfig) -> None:
-    """The model section alone, for tools that read only a preset."""
-    m.validate("model")
-
-
 def load_config(files: list[str], overrides: list[str]) -> RunConfig:
     """Merge YAML `files` (in order) and dotlist `overrides` onto the schema, then validate."""
     cfg = _merge(files, overrides)
@@ -394,10 +389,10 @@ def load_config(files: list[str], overrides: list[str]) -> RunConfig:
     return cfg
 
 
-def load_model_config(path: str, overrides: list[str] = []) -> ModelConfig:
+def load_model_config(path: str) -> ModelConfig:
     """Just the model section of a preset, validated (for tools that need no run: planner, FLOPs)."""
-    model = _merge([path], overrides).model
-    validate_model(model)
+    model = _merge([path], []).model
+    model.validate("model")
     return model
 
 

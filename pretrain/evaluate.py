@@ -27,7 +27,7 @@ from foundry.parallel.topology import Topology
 from foundry.pretrain.kernels import cross_entropy
 
 if TYPE_CHECKING:
-    from foundry.pretrain.build import Run
+    from foundry.pretrain.config import EvalConfig
 
 log = logging.getLogger("foundry")
 
@@ -63,14 +63,15 @@ class Evaluator:
     """Scores the model on each validation set every `interval` steps (0: never) and at the end of training;
     every rank calls `run` at the same step."""
 
-    def __init__(self, sets: list[Dataset], seq_len: int, tokens: int, micro_batch: int, topology: Topology,
-                 device: torch.device, interval: int = 0):
+    def __init__(self, sets: list[Dataset], eval_cfg: EvalConfig, seq_len: int, micro_batch: int, topology: Topology,
+                 device: torch.device):
+        """`eval_cfg`: the eval section (the tokens scored per set, the interval)."""
         self.topology, self.micro_batch, self.device, self.seq_len = topology, micro_batch, device, seq_len
-        self.interval = interval
+        self.tokens, self.interval = eval_cfg.tokens, eval_cfg.interval
         layout = topology.layout
         self.sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for ds in sets:
-            windows = eval_windows(ds, seq_len, tokens)
+            windows = eval_windows(ds, seq_len, self.tokens)
             # This rank's windows; ranks with one fewer repeat a window at weight 0, so that every rank runs
             # as many forward passes (ZeRO-3 gathers weights in each).
             mine = windows[topology.dp_rank::layout.dp]
@@ -81,13 +82,6 @@ class Evaluator:
             self.sets[set_name(ds)] = (mine, weights)
         # The loss is counted once: by the last pipeline stage's first tensor-parallel rank.
         self.counts = topology.pp_rank == layout.pp - 1 and topology.tp_rank == 0
-        self.tokens = tokens
-
-    @classmethod
-    def for_run(cls, run: Run, sets: list[Dataset]) -> Evaluator:
-        cfg = run.cfg
-        return cls(sets, cfg.data.seq_len, cfg.eval.tokens, cfg.train.micro_batch_size, run.topology, run.device,
-                   cfg.eval.interval)
 
     def due(self, step: int, last: bool) -> bool:
         """Whether to evaluate after step `step` (`last`: the last step of this process, by max_steps or a stop)."""

@@ -7,7 +7,8 @@ gradients cleared, and `engine.was_step_applied()` False, the same on every rank
 all-reduces the verdict. So the guard only has to turn a bad micro-batch loss into NaN before
 backward (`check`): its NaN gradients reach every rank through the gradient all-reduce, the
 tensor-parallel collectives and the pipeline's sends. ZeRO-0 in fp32 steps the plain torch optimizer,
-which has no such check, and `attach` gives it one. After each step, `record` counts what happened.
+which has no such check: `StepGuard.attach_to` patches one in, and under pipeline parallelism wraps the
+last stage's loss function in `check`. After each step, `record` counts what happened.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from foundry.pretrain.build import Run
+    from foundry.pretrain.config import TrainConfig
 
 log = logging.getLogger("foundry")
 
@@ -30,6 +31,8 @@ class TooManyBadSteps(RuntimeError):
 
 
 class StepGuard:
+    """Skips bad steps and counts them; its state (recent losses, skipped steps) is checkpointed."""
+
     def __init__(self, spike_factor: float, window: int, max_in_row: int):
         self.spike_factor, self.max_in_row = spike_factor, max_in_row
         self.recent: deque[float] = deque(maxlen=window)  # losses of applied steps
@@ -37,13 +40,13 @@ class StepGuard:
         self.in_row = 0
 
     @classmethod
-    def for_run(cls, run: Run) -> StepGuard:
-        """The guard of `run`'s training steps, attached to its engine."""
-        t = run.cfg.train
-        guard = cls(t.spike_factor, t.spike_window, t.max_skipped_in_row)
-        attach(run.engine)
-        if run.layout.pp > 1:  # the last stage computes the loss of each micro-batch itself
-            run.engine.module.loss_fn = _Checked(run.engine.module.loss_fn, guard)
+    def attach_to(cls, engine: Any, train: TrainConfig, pipeline: bool) -> StepGuard:
+        """A guard under the `train` section's limits, attached to `engine`: patches a plain torch optimizer's
+        step (`skip_non_finite_steps`) and, with `pipeline`, the pipeline module's loss function."""
+        guard = cls(train.spike_factor, train.spike_window, train.max_skipped_in_row)
+        skip_non_finite_steps(engine)
+        if pipeline:  # the last stage computes the loss of each micro-batch itself
+            engine.module.loss_fn = _Checked(engine.module.loss_fn, guard)
         return guard
 
     def limit(self) -> float:
@@ -99,7 +102,7 @@ class _Checked:
         return self.guard.check(self.loss_fn(*args))
 
 
-def attach(engine: Any) -> None:
+def skip_non_finite_steps(engine: Any) -> None:
     """Give a plain torch optimizer (ZeRO-0, fp32) the non-finite-gradient skip DeepSpeed's own ones have.
     DeepSpeed reads `optimizer.overflow` after the step: set, it counts the step as skipped and leaves the
     LR schedule where it was."""

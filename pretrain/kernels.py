@@ -1,6 +1,6 @@
 """Kernel paths: which implementation runs attention, RMSNorm and the loss, chosen from the config
-(`[kernels]`, handed to the model when it is built) and what is installed; the trainer's `kernels:`
-start-up line says which paths a run takes and why.
+(`[kernels]`, handed to the model when it is built) and what is installed; the `kernels:` line that
+pretrain/build.py logs at start-up says which paths a run takes and why.
 
 flash-attn (Dao-AILab) and NVIDIA apex are optional: both build against CUDA and cannot be
 installed on CPU machines. Without flash-attn, or on CPU, or in fp32, attention runs through

@@ -33,7 +33,7 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
     for ds in validation_sets(cfg):
         if ds.manifest["tokenizer"]["fingerprint"] != fingerprint:
             raise DataError(f"validation set {ds.name} was tokenized with another tokenizer than {datasets[0].name}: "
-                            f"prepare it with --tokenizer {Path(datasets[0].name) / 'tokenizer.json'}")
+                            f"prepare it with --tokenizer {datasets[0].tokenizer_file}")
         check_size(ds, cfg.data.seq_len, cfg.eval.tokens)
     vocab = datasets[0].manifest["tokenizer"]["vocab_size"]
     if cfg.model.vocab_size < vocab:

@@ -18,39 +18,42 @@ import torch.distributed as dist
 from foundry.pretrain.checkpoint import read_notes, tag_for, write_atomic
 from foundry.pretrain.config import public, to_yaml
 from foundry.pretrain.evaluate import report
-from foundry.pretrain.flops import device_peak_flops, flops_per_token
+from foundry.pretrain.flops import device_peak_flops
 from foundry.pretrain.metrics import StepLogger, drop_records_after, duration
 from foundry.pretrain.stop import write_status
 from foundry.pretrain.tracking import Tracker, flatten, git_commit
 
 if TYPE_CHECKING:
     from foundry.pretrain.build import Run
+    from foundry.pretrain.config import TrackingConfig
 
 log = logging.getLogger("foundry")
 
 
 class Reporter:
-    def __init__(self, run: Run, start_step: int, resumed_from: Path | None, evaluates: bool):
-        """`start_step`: the step the run resumes after (0: a fresh run), from the checkpoint `resumed_from`.
-        A resumed run repeats the steps after its checkpoint, so their earlier records go."""
-        cfg, t = run.cfg, run.cfg.train
-        self.run, self.run_dir, self.start_step, self.max_steps = run, Path(t.run_dir), start_step, t.max_steps
+    """Owns what the run tells: the console lines, and rank 0's files in RUN_DIR and its MLflow run."""
+
+    def __init__(self, run: Run, tracking: TrackingConfig, max_steps: int, start_step: int,
+                 resumed_from: Path | None, evaluates: bool):
+        """`run`'s steps up to `max_steps`, reported as the `tracking` section says. `start_step`: the step the run
+        resumes after (0: a fresh run), from the checkpoint `resumed_from`. A resumed run repeats the steps after
+        its checkpoint, so their earlier records go. (The config is recorded whole: config.yaml, MLflow's params.)"""
+        self.run, self.run_dir, self.start_step, self.max_steps = run, run.run_dir, start_step, max_steps
         self.first_rank = dist.get_rank() == 0
         self.tracker: Tracker | None = None
         if self.first_rank:
             # Atomically: under `foundry launch` every rank is reading this very file at start-up.
-            write_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+            write_atomic(self.run_dir / "config.yaml", to_yaml(run.cfg))
             log.info("resolved config: %s | logs of every rank: %s", self.run_dir / "config.yaml", self.run_dir / "logs")
-            if cfg.tracking.mlflow:
-                self.tracker = self._start_tracking(resumed_from)
+            if tracking.mlflow:
+                self.tracker = self._start_tracking(tracking, resumed_from)
             if evaluates:
                 drop_records_after(self.run_dir / "eval.jsonl", start_step)
-            write_status(self.run_dir, "running", start_step, t.max_steps)
+            write_status(self.run_dir, "running", start_step, max_steps)
         self.metrics = StepLogger(
-            self.run_dir / "metrics.jsonl" if self.first_rank else None, start_step=start_step, max_steps=t.max_steps,
-            interval=cfg.tracking.log_interval, tokens_per_step=t.global_batch_size * cfg.data.seq_len,
-            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), peak_flops=device_peak_flops(run.device),
-            devices=dist.get_world_size(), device=run.device)
+            self.run_dir / "metrics.jsonl" if self.first_rank else None, start_step=start_step, max_steps=max_steps,
+            interval=tracking.log_interval, tokens_per_step=run.tokens_per_step, flops_per_token=run.flops_per_token,
+            peak_flops=device_peak_flops(run.device), devices=dist.get_world_size(), device=run.device)
         self.started = time.perf_counter()
 
     def step(self, step: int, loss: torch.Tensor, skipped: int, last: bool) -> None:
@@ -95,8 +98,9 @@ class Reporter:
         if self.tracker:
             self.tracker.close("KILLED" if stopped_by else "FINISHED")
 
-    def _start_tracking(self, resumed_from: Path | None) -> Tracker:
-        """The run's MLflow run: the one the checkpoint it resumes from names, else a new one."""
+    def _start_tracking(self, tracking: TrackingConfig, resumed_from: Path | None) -> Tracker:
+        """The run's MLflow run: the one the checkpoint it resumes from names, else a new one. Its params and
+        artifact are the whole config."""
         run, cfg = self.run, self.run.cfg
         run_id = read_notes(resumed_from).get("mlflow_run_id") if resumed_from else None
         tags = {
@@ -105,5 +109,5 @@ class Reporter:
             "device": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu",
             "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
         }
-        return Tracker(cfg.tracking, self.run_dir, run_id=run_id, params=flatten(dataclasses.asdict(public(cfg))),
+        return Tracker(tracking, self.run_dir, run_id=run_id, params=flatten(dataclasses.asdict(public(cfg))),
                        tags=tags, config_yaml=to_yaml(cfg))

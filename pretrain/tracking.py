@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from foundry.pretrain.config import REDACTED, TrackingConfig
+from foundry.pretrain.config import REDACTED, TrackingConfig, first_line
 
 log = logging.getLogger("foundry")
 
@@ -146,7 +146,7 @@ class Tracker:
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("MLflow at %s cannot be reached (%s); training goes on, and the metrics are kept "
-                                "and sent when it answers", self.uri, (str(e).splitlines() or [type(e).__name__])[0][:200])
+                                "and sent when it answers", self.uri, first_line(e)[:200])
                 time.sleep(2.0)
                 continue
             if self._down_since is not None:

@@ -34,20 +34,25 @@ from foundry.pretrain.watchdog import Watchdog
 def train(cfg: RunConfig) -> None:
     """`foundry train` on this rank: resume, step to train.max_steps or a stop signal, save, report."""
     run = start(cfg)
-    guard, batches = StepGuard.for_run(run), Batches(run)
-    checkpointer = Checkpointer(run, components={"data": batches, "guard": guard})
-    step = checkpointer.resume()  # the step the run continues after: 0 when it starts fresh
-    evaluator = Evaluator.for_run(run, validation_sets(cfg))
-    reporter = Reporter(run, step, checkpointer.resumed_from, evaluates=bool(evaluator.sets))
-    checkpointer.notes = reporter.notes  # each checkpoint names the MLflow run that a resume continues
-    stop, watchdog, stopped_by = StopRequest(), Watchdog.for_run(run), None
+    guard = StepGuard.attach_to(run.engine, cfg.train, pipeline=run.layout.pp > 1)  # patches the engine
+    batches = Batches(run, cfg.data, seed=cfg.train.seed, micro_batch=cfg.train.micro_batch_size)
+    checkpointer = Checkpointer(run, cfg.checkpoint, cfg.model, cfg.parallel.zero_stage,
+                                components={"data": batches, "guard": guard})
+    start_step = checkpointer.resume()  # the step the run continues after: 0 when it starts fresh
+    evaluator = validation(cfg, run)
+    reporter = Reporter(run, cfg.tracking, cfg.train.max_steps, start_step, checkpointer.resumed_from,
+                        evaluates=bool(evaluator.sets))
+    stop = StopRequest()
+    watchdog = Watchdog.for_rank(cfg.train.step_timeout_seconds, run.run_dir)
+    step = start_step  # the last step done, as the ways out below report it
+    stopped_by = None
     try:
-        for step in range(step + 1, cfg.train.max_steps + 1):
+        for step in range(start_step + 1, cfg.train.max_steps + 1):
             loss = train_step(run, batches, guard)
             try:
                 guard.record(step, loss.item(), run.engine.was_step_applied(), batches.describe(step))
             except TooManyBadSteps:
-                checkpointer.save(step)  # the weights of the last good step, and the data after the bad batches
+                checkpointer.save(step, reporter.notes())  # the last good weights; the data past the bad batches
                 raise
             stopped_by = stop.agreed(run.device)
             last = step == cfg.train.max_steps or stopped_by is not None
@@ -56,7 +61,7 @@ def train(cfg: RunConfig) -> None:
             if evaluator.due(step, last):
                 reporter.evaluated(step, evaluator.run(run.engine, run.loss_fn))
             if checkpointer.due(step, last):
-                checkpointer.save(step)
+                checkpointer.save(step, reporter.notes())  # the notes name the MLflow run a resume continues
             if stopped_by:
                 break
     except (TooManyBadSteps, SaveError) as e:  # a relaunch would meet them again
@@ -95,8 +100,14 @@ def train_step(run: Run, batches: Batches, guard: StepGuard) -> torch.Tensor:
 def evaluate_checkpoint(cfg: RunConfig, tag_dir: Path) -> dict[str, dict[str, float]]:
     """`foundry eval`: the validation loss of a saved checkpoint under this process's layout."""
     run = start(cfg)
-    step = Checkpointer(run).load(tag_dir)["step"]
-    results = Evaluator.for_run(run, validation_sets(cfg)).run(run.engine, run.loss_fn)
+    step = Checkpointer(run, cfg.checkpoint, cfg.model, cfg.parallel.zero_stage).load(tag_dir)["step"]
+    results = validation(cfg, run).run(run.engine, run.loss_fn)
     report(step, results, None)
     finish(run)
     return results
+
+
+def validation(cfg: RunConfig, run: Run) -> Evaluator:
+    """The evaluator of the [eval] section's validation sets, in windows of data.seq_len."""
+    return Evaluator(validation_sets(cfg), cfg.eval, cfg.data.seq_len, cfg.train.micro_batch_size, run.topology,
+                     run.device)

@@ -24,12 +24,11 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from foundry.pretrain.build import Run
+from foundry.pretrain.config import first_line
 
 log = logging.getLogger("foundry")
 
@@ -37,6 +36,8 @@ EXIT_CODE = 3
 
 
 class Watchdog:
+    """This rank's heartbeat in the store, and the thread that ends a job whose steps stopped."""
+
     def __init__(self, store: Any, rank: int, world_size: int, timeout: float, stack_path: Path):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
         self.step: int | None = None
@@ -50,11 +51,12 @@ class Watchdog:
         threading.Thread(target=self._watch, name="foundry-watchdog", daemon=True).start()
 
     @classmethod
-    def for_run(cls, run: Run) -> Watchdog:
-        """This rank's watchdog, keeping its records in torchrun's store; its stacks go to this rank's log."""
-        rank, run_dir = dist.get_rank(), Path(run.cfg.train.run_dir)
-        return cls(dist.distributed_c10d._get_default_store(), rank, dist.get_world_size(),
-                   run.cfg.train.step_timeout_seconds, run_dir / "logs" / f"rank{rank}.log")
+    def for_rank(cls, timeout: float, run_dir: Path) -> Watchdog:
+        """This rank's watchdog (`timeout`: train.step_timeout_seconds), keeping its records in torchrun's store;
+        its stacks go to this rank's log in `run_dir`."""
+        rank = dist.get_rank()
+        return cls(dist.distributed_c10d._get_default_store(), rank, dist.get_world_size(), timeout,
+                   run_dir / "logs" / f"rank{rank}.log")
 
     def beat(self, step: int) -> None:
         """Step `step` finished on this rank."""
@@ -66,7 +68,7 @@ class Watchdog:
     def explain(self, e: BaseException) -> None:
         """If `e` is a collective that failed (a peer died or went silent), say which ranks to blame."""
         if _collective_failed(e):
-            log.error("a collective failed (%s); %s", (str(e).strip().splitlines() or [""])[0][:300],
+            log.error("a collective failed (%s); %s", first_line(e)[:300],
                       self.culprits() if self.timeout else "no watchdog records (train.step_timeout_seconds=0)")
 
     def stop(self) -> None:

@@ -3,12 +3,13 @@ package neither hides ours nor is hidden by it; and the command line answers wit
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, data_args
+from tests.conftest import REPO, data_args
 
 PACKAGES = ("data", "parallel", "pretrain", "launch")
 
@@ -55,3 +56,13 @@ def test_the_command_line_parses_without_importing_torch(tmp_path):
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_every_error_the_command_line_reports_in_one_line_exists():
+    # The CLI names them by module and class (it must not import torch to name them): a renamed or moved
+    # class would turn its one-line error back into a traceback.
+    from foundry.launch.cli import EXPECTED_ERRORS
+
+    for module, names, _, _ in EXPECTED_ERRORS:
+        for name in names:
+            assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
