@@ -59,31 +59,35 @@ class Dataset:
     @property
     def tokenizer_file(self) -> Path:
         """The tokenizer the shards were written with: next to the manifest."""
-        where = Path(self.name)
-        return (where if where.is_dir() else where.parent) / self.manifest["tokenizer"]["file"]
+        return manifest_path(self.name).parent / self.manifest["tokenizer"]["file"]
+
+
+def manifest_path(path: str) -> Path:
+    """A dataset's manifest: `path` is the directory holding it, or the file itself."""
+    return Path(path) / MANIFEST if Path(path).is_dir() else Path(path)
 
 
 def open_dataset(path: str, weight: float = 1.0, urls: str | None = None) -> Dataset:
     """Read a manifest (a directory holding manifest.json, or the file); shards are next to it unless
     `urls` (a brace pattern webdataset expands, e.g. "pipe:curl -s http://host/shard-{000000..000031}.tar")
     says where they are."""
-    manifest_path = Path(path) / MANIFEST if Path(path).is_dir() else Path(path)
-    if not manifest_path.is_file():
-        raise DataError(f"no manifest at {manifest_path}: run `foundry prepare-data ... --out {path}` first")
+    where = manifest_path(path)
+    if not where.is_file():
+        raise DataError(f"no manifest at {where}: run `foundry prepare-data ... --out {path}` first")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(where.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"manifest {manifest_path} is not valid JSON ({e}): prepare the data again") from None
+        raise DataError(f"manifest {where} is not valid JSON ({e}): prepare the data again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{manifest_path} is not a {FORMAT} manifest: prepare the data with `foundry prepare-data`")
-    check_manifest(manifest, manifest_path)
+        raise DataError(f"{where} is not a {FORMAT} manifest: prepare the data with `foundry prepare-data`")
+    check_manifest(manifest, where)
     if urls is not None:
         shard_urls = list(wds.shardlists.expand_urls(urls))
         if len(shard_urls) != len(manifest["shards"]):
-            raise DataError(f"{urls} names {len(shard_urls)} shards but {manifest_path} lists "
+            raise DataError(f"{urls} names {len(shard_urls)} shards but {where} lists "
                             f"{len(manifest['shards'])}: make them agree")
     else:
-        shard_urls = [str(manifest_path.parent / s["url"]) for s in manifest["shards"]]
+        shard_urls = [str(where.parent / s["url"]) for s in manifest["shards"]]
     return Dataset(name=str(path), manifest=manifest, urls=shard_urls, weight=weight)
 
 

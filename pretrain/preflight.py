@@ -11,8 +11,7 @@ import json
 import stat
 from pathlib import Path
 
-from foundry.data.prepare import MANIFEST
-from foundry.data.stream import Dataset, check_compatible, check_readers, open_dataset
+from foundry.data.stream import Dataset, check_compatible, check_readers, manifest_path, open_dataset
 from foundry.data.tokenizer import DataError
 from foundry.parallel.layout import Layout
 from foundry.pretrain import kernels
@@ -51,22 +50,17 @@ def check_paths(cfg: RunConfig) -> None:
     """What the config names on disk is there: a mistyped path stops here with the key that names it. (Loading a
     config reads nothing but its YAML files, so that a config can be checked, and rendered, anywhere.)"""
     for i, dataset in enumerate(cfg.data.datasets):
-        if not _manifest(dataset.path).is_file():
+        if not manifest_path(dataset.path).is_file():
             raise ConfigError(f"data.datasets[{i}].path={dataset.path} has no manifest.json: prepare it with "
                               f"`foundry prepare-data INPUT... --out {dataset.path}`")
     for i, path in enumerate(cfg.eval.datasets):
-        if not _manifest(path).is_file():
+        if not manifest_path(path).is_file():
             raise ConfigError(f"eval.datasets[{i}]={path} has no manifest.json: prepare it with `foundry prepare-data "
                               f"INPUT... --holdout 0.01 --out DIR` (then DIR/holdout) or point at a prepared set")
     init_from = cfg.checkpoint.init_from
     if init_from is not None and not (Path(init_from) / "config.json").is_file():
         raise ConfigError(f"checkpoint.init_from={init_from} has no config.json: point it at a Hugging Face Llama "
                           f"directory")
-
-
-def _manifest(path: str) -> Path:
-    """A dataset's manifest: `path` is the directory holding it, or the file itself."""
-    return Path(path) / MANIFEST if Path(path).is_dir() else Path(path)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -42,11 +42,12 @@ class Reporter:
         self.first_rank = dist.get_rank() == 0
         self.tracker: Tracker | None = None
         if self.first_rank:
+            config_yaml = to_yaml(run.cfg)
             # Atomically: under `foundry launch` every rank is reading this very file at start-up.
-            write_atomic(self.run_dir / "config.yaml", to_yaml(run.cfg))
+            write_atomic(self.run_dir / "config.yaml", config_yaml)
             log.info("resolved config: %s | logs of every rank: %s", self.run_dir / "config.yaml", self.run_dir / "logs")
             if tracking.mlflow:
-                self.tracker = self._start_tracking(tracking, resumed_from)
+                self.tracker = self._start_tracking(tracking, resumed_from, config_yaml)
             if evaluates:
                 drop_records_after(self.run_dir / "eval.jsonl", start_step)
             write_status(self.run_dir, "running", start_step, max_steps)
@@ -98,7 +99,7 @@ class Reporter:
         if self.tracker:
             self.tracker.close("KILLED" if stopped_by else "FINISHED")
 
-    def _start_tracking(self, tracking: TrackingConfig, resumed_from: Path | None) -> Tracker:
+    def _start_tracking(self, tracking: TrackingConfig, resumed_from: Path | None, config_yaml: str) -> Tracker:
         """The run's MLflow run: the one the checkpoint it resumes from names, else a new one. Its params and
         artifact are the whole config."""
         run, cfg = self.run, self.run.cfg
@@ -110,4 +111,4 @@ class Reporter:
             "slurm.job_id": os.environ.get("SLURM_JOB_ID", "none"),
         }
         return Tracker(tracking, self.run_dir, run_id=run_id, params=flatten(dataclasses.asdict(public(cfg))),
-                       tags=tags, config_yaml=to_yaml(cfg))
+                       tags=tags, config_yaml=config_yaml)
