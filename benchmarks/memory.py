@@ -14,9 +14,10 @@ tensors it holds, by what holds them:
 
 - params: the model's weights this rank keeps (under ZeRO-3 its partitions `p.ds_tensor`, plus the
   few parameters DeepSpeed keeps whole because they are under 1e5 elements);
-- grads: gradients wherever DeepSpeed puts them (`GRADIENT_HOLDERS`) outside the bucket, the most
-  seen at any of four probes: inside backward (when the embedding's gradient lands, the last one)
-  and after backward, of the first micro-batch (accumulating) and of the second (the boundary);
+- grads: gradients wherever DeepSpeed puts them (`GRADIENT_HOLDERS` of foundry.pretrain.memory, whose
+  `census` counts every category) outside the bucket, the most seen at any of four probes: inside
+  backward (when the embedding's gradient lands, the last one) and after backward, of the first
+  micro-batch (accumulating) and of the second (the boundary);
 - optim: the tensors the inner torch AdamW steps when they are not the model's own weights (ZeRO's
   fp32 partitions) and its state (exp_avg, exp_avg_sq, step), after the step;
 - bucket: DeepSpeed's gradient reduce bucket (`ipg_buckets`), its allocated size, the most seen
@@ -33,16 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -50,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 from foundry.parallel.layout import recompute_every  # noqa: E402
 from foundry.parallel.planner import Candidate, Memory, ModelShape, estimate  # noqa: E402
 from foundry.pretrain.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
+from foundry.pretrain.memory import census  # noqa: E402
 from foundry.pretrain.model import num_parameters  # noqa: E402
 
 MODEL = ModelConfig(vocab_size=512, hidden_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -59,95 +59,6 @@ SEQ_LEN, MICRO_BATCH, ACCUMULATION = 32, 1, 2
 # model worth a GPU plan: gradients then flow through the bucket as they do at scale.
 REDUCE_BUCKET = 1_000_000
 MB = 1e6
-
-# Where DeepSpeed 0.19.8 keeps gradients besides `param.grad` (found by a census of live tensors).
-GRADIENT_HOLDERS = (
-    "averaged_gradients",  # ZeRO-1/2: this rank's reduced partition, at the accumulation boundary
-    "all_grad_tensors",  # ZeRO-2: the partition accumulated between micro-batches
-    "grads_in_partition",  # ZeRO-2: the current micro-batch's reduced partition, during backward
-    "grad_partitions_flat_buffer",  # ZeRO-3: this rank's gradient partition
-    "fp32_groups_gradients_flat",  # bf16 without ZeRO (BF16_Optimizer): fp32 accumulation
-)
-
-
-# Counting bytes.
-
-
-def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors inside nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from tensors_in(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from tensors_in(value)
-
-
-Span = tuple[int, int]
-
-
-def spans(tensors: Iterable[torch.Tensor], whole_storage: bool = False) -> list[Span]:
-    """Address ranges of the tensors' elements (or of their whole storages)."""
-    out = []
-    for t in tensors:
-        if whole_storage:
-            storage = t.untyped_storage()
-            start, size = storage.data_ptr(), storage.nbytes()
-        else:
-            start, size = t.data_ptr(), t.numel() * t.element_size()
-        if size:
-            out.append((start, start + size))
-    return out
-
-
-def covered(ranges: Iterable[Span]) -> int:
-    """Bytes in the union of the ranges."""
-    total, end = 0, -1
-    for lo, hi in sorted(ranges):
-        if hi > end:
-            total += hi - max(lo, end)
-            end = hi
-    return total
-
-
-def live_tensors() -> list[torch.Tensor]:
-    gc.collect()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # isinstance on some lazy module objects warns
-        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
-
-
-def census(engine: Any, model: torch.nn.Module, others: bool = False) -> dict[str, int]:
-    """Bytes this rank holds now, by holder. Each category excludes what an earlier one counted, so
-    gradients sitting in the reduce bucket count as bucket (and are reported as "grads in bucket").
-    With `others`, also every other live tensor's bytes (a scan of the heap: slow)."""
-    params = list(model.parameters())
-    outer = engine.optimizer
-    inner = getattr(outer, "optimizer", outer)  # ZeRO wraps torch's AdamW; ZeRO-0 in fp32 is AdamW itself
-    # What AdamW steps: its param groups, and the keys of its state (ZeRO-3 empties the groups between steps).
-    stepped = [p for g in inner.param_groups for p in g["params"]] + list(inner.state)
-    grads = spans([p.grad for p in params + stepped if p.grad is not None]
-                  + [t for name in GRADIENT_HOLDERS for t in tensors_in(getattr(outer, name, None))])
-    bucket = spans([t for b in getattr(outer, "ipg_buckets", {}).values() for t in tensors_in(b.buffer)],
-                   whole_storage=True)
-    held = {
-        "params": spans([p.data for p in params] + [p.ds_tensor for p in params if hasattr(p, "ds_tensor")]),
-        "bucket": bucket,
-        "grads": grads,
-        "optim": spans(stepped + list(tensors_in(list(inner.state.values())))),
-    }
-    out, seen = {}, []
-    for name, ranges in held.items():
-        out[name] = covered(ranges + seen) - covered(seen)
-        seen += ranges
-    out["grads in bucket"] = covered(grads) - out["grads"]
-    if others:
-        everything = spans(live_tensors(), whole_storage=True)
-        out["other"] = covered(everything + seen) - covered(seen)
-    return out
-
 
 # The worker: one rank of one cell.
 

@@ -3,6 +3,7 @@
     foundry train configs/models/tiny.yaml configs/quickstart.yaml train.max_steps=50
     torchrun --standalone --nproc-per-node 2 -m foundry.launch.cli train configs/models/tiny.yaml configs/quickstart.yaml
     foundry plan configs/models/llama3-8b.yaml --gpus 8 --gpu-memory-gib 80
+    foundry simulate configs/models/llama3-70b.yaml configs/llama3-70b-16x8.yaml --rank 0
     foundry prepare-data corpus/ --pattern '**/*.jsonl.zst' --tokenizer llama3/tokenizer.json --out data/web
 """
 
@@ -130,6 +131,14 @@ def _plan(args: argparse.Namespace) -> None:
                            model_name=Path(args.model).stem)))
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    cfg = _load(args.config)
+    from foundry.pretrain.simulate import default_ranks, format_report, simulate
+
+    for rank in args.rank or default_ranks(cfg):
+        print(format_report(simulate(cfg, rank)), flush=True)
+
+
 def _prepare_data(args: argparse.Namespace) -> None:
     import logging
 
@@ -255,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--global-batch", type=int, help="sequences per optimizer step; micro x dp must divide it")
     plan.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                       help="bf16 with fp32 master weights (GPU default) or fp32")
+    sim = _command(commands, "simulate", _simulate,
+        help="run one rank of the configured cluster job in this process and compare its memory with the plan",
+        description="Run what rank R of the configured world (launch.nodes x launch.procs_per_node GPUs) does up "
+        "to its first optimizer steps, in this one process on torch's fake process group (collectives move "
+        "nothing; shapes, memory and code paths are the real rank's), and print its coordinates, parameters "
+        "and bytes (parameters, gradients, optimizer state, activations, DeepSpeed's buffers) next to "
+        "`foundry plan`'s estimate. A rank too big for this machine is built with fake tensors and its bytes "
+        "counted, not allocated (pretrain/simulate.py says how each figure is known).",
+    )
+    sim.add_argument("config", nargs="+", metavar="CONFIG.yaml | key=value")
+    sim.add_argument("--rank", type=int, action="append",
+                     help="a global rank (repeatable; default: the first rank of the first, a middle and the last "
+                          "pipeline stage)")
     return parser
 
 

@@ -1,9 +1,10 @@
 """Pipeline parallelism: the model cut into consecutive stages on DeepSpeed's PipelineModule,
 which runs its 1F1B schedule over the micro-batches of a step.
 
-The embedding runs on the first stage, the final norm and the head on the last; blocks are
-balanced across stages by parameter count. Tied embeddings live on both the first and the last
-stage and DeepSpeed keeps the two copies equal by summing their gradients.
+The embedding runs on the first stage, the final norm and the head on the last; the blocks of each
+stage are given (parallel/stages.py balances them by training FLOPs, the embedding and the head
+counted at what they cost, and the planner assumes the same). Tied embeddings live on both the
+first and the last stage and DeepSpeed keeps the two copies equal by summing their gradients.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -41,14 +44,36 @@ class _Reuse(nn.Module):
         return module
 
 
-def build_pipeline_module(model: nn.Module, ds_topology, loss_fn: LossFn, seq_split: int) -> nn.Module:
+def build_pipeline_module(model: nn.Module, ds_topology, loss_fn: LossFn, seq_split: int,
+                          stages: Sequence[range]) -> nn.Module:
     """`model`, a plain Llama (already tensor-parallel if tp > 1), as a DeepSpeed PipelineModule over
-    `ds_topology`. It uses `model.model.{embed_tokens,layers,norm}`, `model.lm_head`, `model.cfg.tie_embeddings`,
+    `ds_topology` whose stage i runs the blocks `stages[i]` (global indices, contiguous, as
+    parallel.stages.stage_blocks gives them; the last stage may run only the norm and the head). It
+    uses `model.model.{embed_tokens,layers,norm}`, `model.lm_head`, `model.cfg.tie_embeddings`,
     `model.rope_cos`/`rope_sin`, and calls each block as block(x, cos, sin)."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
     body = model.model
     blocks = [BlockStage(b, model.rope_cos, model.rope_sin, seq_split) for b in body.layers.values()]
+    pp = ds_topology.get_dim("pipe")
+    if len(stages) != pp or [i for r in stages for i in r] != list(range(len(blocks))) or not all(stages[:-1]):
+        raise ValueError(f"stages {stages} must give blocks 0-{len(blocks) - 1} in order to {pp} stages, "
+                         "each but the last at least one")
+    # Layer i + 1 of the PipelineModule is block i: stage 0 starts at the embedding, the last ends at the head.
+    parts = [0, *(r.start + 1 for r in stages[1:]), len(blocks) + 3]
+
+    class StagedPipelineModule(PipelineModule):
+        """A PipelineModule on the layer boundaries `parts`. DeepSpeed's partition_method offers only
+        'uniform', 'parameters' and 'type:regex'. PipelineModule.__init__ calls `_partition_layers`,
+        whose whole job (besides printing) is to set `parts` and this rank's bounds; the layers are
+        built and the tied-layer groups formed afterwards from those. DeepSpeed's own
+        DualPipeVModule overrides it too."""
+
+        def _partition_layers(self, method: str = "given") -> None:
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
     if model.cfg.tie_embeddings:
         lm_head = model.lm_head  # shares its weight with the embedding
         first = TiedLayerSpec("embed", _Reuse, body.embed_tokens, tied_weight_attr="weight")
@@ -60,11 +85,10 @@ def build_pipeline_module(model: nn.Module, ds_topology, loss_fn: LossFn, seq_sp
     # PipelineModule prints its topology and partition to stdout on every rank: keep it in the debug log.
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        module = PipelineModule(
+        module = StagedPipelineModule(
             layers=[first, *blocks, body.norm, last],
             loss_fn=loss_fn,
             topology=ds_topology,
-            partition_method="parameters",
         )
     log.debug("%s", printed.getvalue())
     return module

@@ -17,11 +17,16 @@ separate fp32 copy of their partition to step (`single_partition_of_fp32_groups`
 when the model is fp32: measured in benchmarks/memory.py), so fp32 under ZeRO >= 1 is 12P too.
 Also measured: ZeRO-1 keeps whole gradients between micro-batches (the paper's rule is its
 peak), and ZeRO-2 holds two gradient partitions while accumulating (see `estimate`).
-P itself is the largest pipeline stage's share: the layers split evenly across pp stages, the
-embedding on the first, the final norm and output head on the last (a tied head keeps its own
-copy there), and every matrix split across tp ranks (Megatron-LM, Shoeybi et al. 2019). Norm
-gains are replicated on every tp rank, as are k/v projections when there are fewer kv heads
-than tp ranks (what parallel/tensor.py does); the vocabulary is padded to a multiple of tp.
+bf16 gradients are summed across micro-batches in fp32, as Megatron-LM and torchtitan sum them
+(foundry.pretrain.engine): ZeRO-1 (DeepSpeed's BF16_Optimizer) then holds 6P of gradients, a
+whole fp32 sum next to the bf16 `param.grad`s, ZeRO-2 and 3 a 4P fp32 sum divided by dp, and bf16
+without ZeRO is refused (`Precision.gradients`).
+P itself is the busiest pipeline stage's share: the blocks split across pp stages as the pipeline
+splits them (balanced by training FLOPs, parallel/stages.py), the embedding on the first, the
+final norm and output head on the last (a tied head keeps its own copy there), and every matrix
+split across tp ranks (Megatron-LM, Shoeybi et al. 2019). Norm gains are replicated on every tp
+rank, as are k/v projections when there are fewer kv heads than tp ranks (what
+parallel/tensor.py does); the vocabulary is padded to a multiple of tp.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", section 4): the bytes each op saves for backward, summed per transformer block. The
@@ -41,7 +46,8 @@ activations are taken as twice bf16.
 
 Buffers: DeepSpeed's ZeRO (stage >= 1) reduces gradients through a bucket it allocates whole,
 `reduce_bucket_size` = 5e8 elements of the gradient dtype (1 GB in bf16, 2 GB in fp32, however
-small the model: measured), alive during backward under stages 1-2 and for good under stage 3.
+small the model: measured), alive during backward under stages 1-2 and for good under stage 3
+(bf16 under ZeRO-1 runs BF16_Optimizer, which has none).
 ZeRO-3 also gathers whole weights for the block it computes and the one it prefetches.
 
 Left out, and covered by `HEADROOM` (10% of the GPU) and the fixed `OVERHEAD_BYTES` (1 GiB for
@@ -58,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 from foundry.parallel.layout import Layout, LayoutError, recompute_every
+from foundry.parallel.stages import stage_blocks
 
 GIB = 2**30
 HEADROOM = 0.10  # of each GPU's memory, kept free for fragmentation and what is left out above
@@ -79,10 +86,27 @@ class Precision:
 
     name: str
     weights: int
-    grads: int
+    grads: int  # a micro-batch's gradients, in the weights' dtype
     activations: int
+    accumulate: int = 4  # the gradients' sum over micro-batches: fp32 in both (data_types.grad_accum_dtype)
     moments: int = 8  # AdamW's exp_avg and exp_avg_sq, fp32 in both precisions
     master: int = 4  # the fp32 copy the optimizer steps
+
+    @property
+    def separate_sum(self) -> bool:
+        """Whether DeepSpeed sums gradients apart from `param.grad` (bf16: in an fp32 buffer)."""
+        return self.accumulate != self.grads
+
+    def gradients(self, zero_stage: int, dp: int, accumulating: bool) -> float:
+        """Gradient bytes per parameter at their peak, measured in benchmarks/memory.py. Summing in the
+        weights' dtype (fp32), ZeRO 0-1 sum in `param.grad`, whole, and ZeRO-2 holds two partitions
+        while accumulating (see `estimate`). Summing in fp32 apart (bf16), ZeRO-1 runs DeepSpeed's
+        BF16_Optimizer: a whole fp32 buffer next to every `param.grad`, kept until the step; ZeRO-2 and
+        3 one fp32 partition (ZeRO-2 frees the bf16 gradients once reduced). bf16 without ZeRO is
+        refused (foundry.pretrain.engine.deepspeed_config)."""
+        if self.separate_sum:
+            return self.grads + self.accumulate if zero_stage <= 1 else self.accumulate / dp
+        return self.grads * (2 if zero_stage == 2 and accumulating else 1) / (dp if zero_stage >= 2 else 1)
 
     def optimizer(self, zero_stage: int) -> int:
         """Optimizer bytes per parameter. With fp32 weights and no ZeRO, torch's AdamW steps the
@@ -158,6 +182,7 @@ class Memory:
     bucket: float  # DeepSpeed's gradient reduce bucket
     gathered: float  # ZeRO-3: whole weights of the block computed and the one prefetched
     overhead: float = OVERHEAD_BYTES
+    stage: int = 0  # the pipeline stage these are of
 
     @property
     def buffers(self) -> float:
@@ -168,16 +193,10 @@ class Memory:
         return self.params + self.grads + self.optimizer + self.activations + self.buffers + self.overhead
 
 
-def stage_layers(layers: int, pp: int, stage: int) -> range:
-    """The global indices of the blocks on a pipeline stage: an even split, earlier stages taking the remainder."""
-    base, extra = divmod(layers, pp)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
-
-
-def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> int:
-    """Parameters one tp rank of pipeline `stage` holds."""
-    n = len(stage_layers(shape.layers, pp, stage)) * shape.block_parameters(tp)
+def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int, seq_len: int) -> int:
+    """Parameters one tp rank of pipeline `stage` holds, its blocks as the pipeline assigns them for
+    sequences of `seq_len` (parallel/stages.py)."""
+    n = len(stage_blocks(shape, pp, seq_len)[stage]) * shape.block_parameters(tp)
     if stage == 0:
         n += shape.vocab_parameters(tp)  # input embedding
     if stage == pp - 1:
@@ -229,7 +248,7 @@ def activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int, precisi
     rebuilt by recomputation in backward, and on the last stage the head's inputs and logits of one
     micro-batch (1F1B runs backward there as soon as a micro-batch's forward ends)."""
     stored, recomputed = layer_activation_bytes(shape, layout, seq_len, attention_scores)
-    blocks = stage_layers(shape.layers, layout.pp, stage)
+    blocks = stage_blocks(shape, layout.pp, seq_len)[stage]
     every = recompute_every(layout.checkpointing, layout.checkpoint_interval)
     checkpointed = sum(1 for i in blocks if every and i % every == 0)  # blocks 0, every, 2 x every, ... as the model
     per_micro_batch = (len(blocks) - checkpointed) * stored + checkpointed * recomputed
@@ -244,34 +263,41 @@ def activation_bytes(shape: ModelShape, layout: Candidate, seq_len: int, precisi
 def estimate(shape: ModelShape, layout: Candidate, seq_len: int, precision: str = "bf16",
              global_batch: Optional[int] = None, attention_scores: bool = False,
              reduce_bucket: int = REDUCE_BUCKET_ELEMENTS) -> Memory:
-    """Peak bytes on the busiest GPU of `layout`: the larger of the first and last pipeline stage
-    (the first keeps the most micro-batches in flight, the last the head and logits).
+    """Peak bytes on the busiest GPU of `layout`: every pipeline stage estimated (the first keeps the
+    most micro-batches in flight, the last the head and logits, a middle one may hold the most
+    blocks), the largest returned with its `stage`; on a tie, the earliest.
 
     Without `global_batch` the step is taken to accumulate gradients over several micro-batches,
-    as pretraining at scale does. Accumulating, DeepSpeed's ZeRO-2 holds two gradient partitions
+    as pretraining at scale does. Accumulating in fp32, DeepSpeed's ZeRO-2 holds two gradient partitions
     during backward (the one accumulated so far and the current micro-batch's reduced one,
-    `grads_in_partition`): measured, with a reduce bucket smaller than the model as in any model
-    worth planning for (`reduce_bucket` is DeepSpeed's zero_optimization.reduce_bucket_size)."""
+    `grads_in_partition`); in bf16 one fp32 partition (`Precision.gradients`): measured, with a reduce
+    bucket smaller than the model as in any model worth planning for (`reduce_bucket` is DeepSpeed's
+    zero_optimization.reduce_bucket_size; bf16's BF16_Optimizer, ZeRO-1, has none)."""
+    stages = [stage_memory(shape, layout, seq_len, precision, global_batch, stage, attention_scores, reduce_bucket)
+              for stage in range(layout.pp)]
+    return max(stages, key=lambda m: m.total)
+
+
+def stage_memory(shape: ModelShape, layout: Candidate, seq_len: int, precision: str, global_batch: Optional[int],
+                 stage: int, attention_scores: bool = False, reduce_bucket: int = REDUCE_BUCKET_ELEMENTS) -> Memory:
+    """Peak bytes on a GPU of pipeline `stage` of `layout` (`estimate` gives the arguments' meaning)."""
     prec = PRECISIONS[precision]
     z, dp = layout.zero_stage, layout.dp
     accum = global_batch // (layout.micro_batch * dp) if global_batch else None
-    partitions = 2 if z == 2 and (accum is None or accum > 1) else 1
-    bucket = reduce_bucket * prec.grads if z >= 1 else 0.0
+    accumulating = accum is None or accum > 1
+    bucket = reduce_bucket * prec.grads if z >= 2 or (z == 1 and not prec.separate_sum) else 0.0
     largest = max(shape.block_parameters(layout.tp), shape.vocab_parameters(layout.tp))
-    gathered = 2 * largest * prec.weights if z == 3 else 0.0
-    stages = []
-    for stage in {0, layout.pp - 1}:
-        n = stage_parameters(shape, layout.tp, layout.pp, stage)
-        stages.append(Memory(
-            params=n * prec.weights / (dp if z >= 3 else 1),
-            grads=n * prec.grads / (dp if z >= 2 else 1) * partitions,
-            optimizer=n * prec.optimizer(z) / (dp if z >= 1 else 1),
-            activations=activation_bytes(shape, layout, seq_len, prec, stage,
-                                         min(layout.pp - stage, accum or layout.pp), attention_scores),
-            bucket=bucket,
-            gathered=gathered,
-        ))
-    return max(stages, key=lambda m: m.total)
+    n = stage_parameters(shape, layout.tp, layout.pp, stage, seq_len)
+    return Memory(
+        params=n * prec.weights / (dp if z >= 3 else 1),
+        grads=n * prec.gradients(z, dp, accumulating),
+        optimizer=n * prec.optimizer(z) / (dp if z >= 1 else 1),
+        activations=activation_bytes(shape, layout, seq_len, prec, stage,
+                                     min(layout.pp - stage, accum or layout.pp), attention_scores),
+        bucket=bucket,
+        gathered=2 * largest * prec.weights if z == 3 else 0.0,
+        stage=stage,
+    )
 
 
 # The pick: layouts compare on these criteria in order, the first difference deciding.
@@ -293,17 +319,19 @@ def preference_key(layout: Candidate) -> tuple[float, ...]:
     return tuple(rank(layout) for _, rank in PREFERENCE)
 
 
-def layouts(cfg: Any, gpus: int, global_batch: Optional[int] = None) -> Iterator[Candidate]:
+def layouts(cfg: Any, gpus: int, global_batch: Optional[int] = None, precision: str = "bf16") -> Iterator[Candidate]:
     """Every candidate worth considering on `gpus` GPUs for the model section `cfg` (ModelShape.of's
     fields): tp a power of two up to a node, pp dividing the layers, ZeRO 0-3, micro-batch in
     MICRO_BATCHES (dividing each data-parallel rank's share of the global batch, when given), each
     checkpointing mode; and only what the trainer accepts (Layout.check: tp divides the heads and the
-    MLP, ZeRO 0-1 under pipelining). ZeRO > 0 is skipped when dp = 1: partitioning over one rank saves nothing."""
+    MLP, ZeRO 0-1 under pipelining; bf16 needs ZeRO >= 1, the only way DeepSpeed sums gradients in fp32:
+    pretrain/engine.py). When dp = 1 only the lowest stage is tried: partitioning over one rank saves nothing."""
+    lowest = 1 if precision == "bf16" else 0
     for tp, pp in ((t, p) for t in (1, 2, 4, 8) for p in range(1, cfg.num_layers + 1)):
         if tp > MAX_TP or gpus % (tp * pp) or cfg.num_layers % pp:
             continue
         dp = gpus // (tp * pp)
-        for zero in range(4) if dp > 1 else (0,):
+        for zero in range(lowest, 4) if dp > 1 else (lowest,):
             try:
                 Layout(tp, pp, dp).check(cfg, zero, sequence_parallel=tp > 1)
             except LayoutError:
@@ -351,7 +379,7 @@ def plan(cfg: Any, gpus: int, gpu_memory_gib: float, seq_len: Optional[int] = No
     budget = gpu_memory_gib * GIB * (1 - HEADROOM)
     result = Plan(model_name, gpus, gpu_memory_gib, seq_len, precision, global_batch)
     leanest: Optional[tuple[Candidate, Memory]] = None
-    for layout in layouts(cfg, gpus, global_batch):
+    for layout in layouts(cfg, gpus, global_batch, precision):
         memory = estimate(shape, layout, seq_len, precision, global_batch)
         result.considered += 1
         if leanest is None or memory.total < leanest[1].total:

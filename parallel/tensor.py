@@ -16,8 +16,10 @@ With sequence parallelism (Korthikanti et al. 2022) the activations outside atte
 layer becomes a reduce-scatter, and each norm all-gathers its output once for the column-parallel
 layers it feeds (q, k and v share one gathered input, as gate and up do).
 
-The full model is built first with the run's seed and then sliced, so the parallel model is the
-same function as the plain one whatever tp is. Names of parameters do not change.
+The model is sliced while it is still on the meta device (no memory): each new parameter records which part
+of the full one it is (`Shard`), and the build then gives each rank the values of its own slices alone
+(initialised or read from a checkpoint, see pretrain/build.py). A model with real values can be sliced too,
+keeping them. Names of parameters do not change.
 
 The model is transformed by its structure alone, never by its classes (this package imports nothing
 from foundry.pretrain): `model.model.layers` ("0".."n-1"), each block's `self_attn.{q,k,v,o}_proj`
@@ -28,6 +30,7 @@ from foundry.pretrain): `model.model.layers` ("0".."n-1"), each block's `self_at
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -139,11 +142,67 @@ def _leave_row(x: torch.Tensor, group: Group, sequence_parallel: bool) -> torch.
     return reduce_from_tensor_model_parallel_region(x, group)
 
 
-def _mark_split(p: nn.Parameter, dim: int) -> nn.Parameter:
-    # DeepSpeed counts parameters flagged this way once per tp rank in the global grad norm;
-    # unflagged ones are taken as replicated and counted on tp rank 0 only.
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a full parameter of shape `full_shape` a rank holds: part `rank` of `parts` equal parts along
+    `dim`, the full size first padded with zeros to a multiple of `parts` (only the vocabulary ever needs it).
+    `dim=None`: the whole parameter."""
+
+    full_shape: tuple[int, ...]
+    dim: int | None = None
+    rank: int = 0
+    parts: int = 1
+
+    def bounds(self) -> tuple[int, int, int]:
+        """(start, stop, size) along `dim`: the real rows or columns [start, stop) and the part's size, which is
+        larger where the part reaches into the padding."""
+        assert self.dim is not None
+        full = self.full_shape[self.dim]
+        size = -(-full // self.parts)
+        start = min(self.rank * size, full)
+        return start, min(start + size, full), size
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        """This part of `full`, a tensor of `full_shape` (real or meta), as a tensor of its own."""
+        if self.dim is None:
+            return full
+        start, stop, size = self.bounds()
+        return self._pad(full.narrow(self.dim, start, stop - start), size).clone()
+
+    def read(self, stored: Any) -> torch.Tensor:
+        """This part of a stored tensor that can be sliced without reading the rest (safetensors' `get_slice`)."""
+        if self.dim is None:
+            return stored[:]
+        start, stop, size = self.bounds()
+        return self._pad(stored[(slice(None),) * self.dim + (slice(start, stop),)], size)
+
+    def _pad(self, part: torch.Tensor, size: int) -> torch.Tensor:
+        missing = size - part.shape[self.dim]
+        if not missing:
+            return part
+        return torch.cat([part, part.new_zeros(*part.shape[:self.dim], missing, *part.shape[self.dim + 1:])], self.dim)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.full_shape
+        return (*self.full_shape[:self.dim], self.bounds()[2], *self.full_shape[self.dim + 1:])
+
+
+def shard_of(p: torch.Tensor) -> Shard:
+    """The part of its full parameter `p` is: what `_split` recorded, else the whole of it."""
+    return getattr(p, "shard", None) or Shard(tuple(p.shape))
+
+
+def _split(full: torch.Tensor, dim: int, rank: int, tp: int) -> nn.Parameter:
+    """This rank's part of `full` as a parameter that records which part it is. DeepSpeed counts parameters
+    flagged `tensor_model_parallel` once per tp rank in the global grad norm; unflagged ones are taken as
+    replicated and counted on tp rank 0 only."""
+    shard = Shard(tuple(full.shape), dim, rank, tp)
+    p = nn.Parameter(shard.cut(full.detach()))
     p.tensor_model_parallel = True
     p.partition_dim = dim
+    p.shard = shard
     return p
 
 
@@ -156,9 +215,9 @@ class ColumnParallelLinear(nn.Module):
     `input_gathered`: x arrives whole from a SequenceParallelNorm, which gathered it along the sequence.
     Set it only there: under sequence parallelism any other input is this rank's 1/tp of the sequence."""
 
-    def __init__(self, weight: torch.Tensor, group: Group, input_gathered: bool = False):
+    def __init__(self, weight: nn.Parameter, group: Group, input_gathered: bool = False):
         super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.weight = weight
         self.group, self.input_gathered = group, input_gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +228,9 @@ class RowParallelLinear(nn.Module):
     """y = sum over ranks of x[..., slice] W[:, slice]^T: this rank's columns of W (input features), bias-free.
     Under sequence parallelism the sum is reduce-scattered along the sequence."""
 
-    def __init__(self, weight: torch.Tensor, group: Group, sequence_parallel: bool = False):
+    def __init__(self, weight: nn.Parameter, group: Group, sequence_parallel: bool = False):
         super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=1)
+        self.weight = weight
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,9 +242,9 @@ class ReplicatedKVLinear(nn.Module):
     computes only the kv head its query heads use. Each rank's weight gradient covers its own
     head, so the gradients are summed over the group to give every rank the full one."""
 
-    def __init__(self, weight: torch.Tensor, rows: slice, group: Group, input_gathered: bool = False):
+    def __init__(self, weight: nn.Parameter, rows: slice, group: Group, input_gathered: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(weight)
+        self.weight = weight
         self.rows, self.group, self.input_gathered = rows, group, input_gathered  # as ColumnParallelLinear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,9 +255,9 @@ class ReplicatedKVLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows [start, start + V/tp) on this rank; other ids give zeros, summed over ranks."""
 
-    def __init__(self, weight: torch.Tensor, vocab_start: int, group: Group, sequence_parallel: bool):
+    def __init__(self, weight: nn.Parameter, vocab_start: int, group: Group, sequence_parallel: bool):
         super().__init__()
-        self.weight = _mark_split(nn.Parameter(weight), dim=0)
+        self.weight = weight
         self.vocab_start, self.group, self.sequence_parallel = vocab_start, group, sequence_parallel
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -274,10 +333,6 @@ def vocab_parallel_cross_entropy(
 # Applying it.
 
 
-def _shard(weight: torch.Tensor, dim: int, rank: int, tp: int) -> torch.Tensor:
-    return weight.detach().chunk(tp, dim=dim)[rank].clone()
-
-
 def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero rows appended so the vocabulary splits evenly over `multiple` ranks."""
     pad = -weight.shape[0] % multiple
@@ -288,22 +343,22 @@ def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 def _parallelize_attention(attn: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
-    attn.q_proj = ColumnParallelLinear(_shard(attn.q_proj.weight, 0, rank, tp), group, input_gathered=sp)
+    attn.q_proj = ColumnParallelLinear(_split(attn.q_proj.weight, 0, rank, tp), group, input_gathered=sp)
     if attn.num_kv_heads >= tp:
-        attn.k_proj = ColumnParallelLinear(_shard(attn.k_proj.weight, 0, rank, tp), group, input_gathered=sp)
-        attn.v_proj = ColumnParallelLinear(_shard(attn.v_proj.weight, 0, rank, tp), group, input_gathered=sp)
+        attn.k_proj = ColumnParallelLinear(_split(attn.k_proj.weight, 0, rank, tp), group, input_gathered=sp)
+        attn.v_proj = ColumnParallelLinear(_split(attn.v_proj.weight, 0, rank, tp), group, input_gathered=sp)
     else:
         head = rank // (tp // attn.num_kv_heads)  # the kv head of this rank's query heads
         rows = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
-        attn.k_proj = ReplicatedKVLinear(attn.k_proj.weight.detach().clone(), rows, group, input_gathered=sp)
-        attn.v_proj = ReplicatedKVLinear(attn.v_proj.weight.detach().clone(), rows, group, input_gathered=sp)
-    attn.o_proj = RowParallelLinear(_shard(attn.o_proj.weight, 1, rank, tp), group, sp)
+        attn.k_proj = ReplicatedKVLinear(attn.k_proj.weight, rows, group, input_gathered=sp)
+        attn.v_proj = ReplicatedKVLinear(attn.v_proj.weight, rows, group, input_gathered=sp)
+    attn.o_proj = RowParallelLinear(_split(attn.o_proj.weight, 1, rank, tp), group, sp)
 
 
 def _parallelize_mlp(mlp: nn.Module, group: Group, rank: int, tp: int, sp: bool) -> None:
-    mlp.gate_proj = ColumnParallelLinear(_shard(mlp.gate_proj.weight, 0, rank, tp), group, input_gathered=sp)
-    mlp.up_proj = ColumnParallelLinear(_shard(mlp.up_proj.weight, 0, rank, tp), group, input_gathered=sp)
-    mlp.down_proj = RowParallelLinear(_shard(mlp.down_proj.weight, 1, rank, tp), group, sp)
+    mlp.gate_proj = ColumnParallelLinear(_split(mlp.gate_proj.weight, 0, rank, tp), group, input_gathered=sp)
+    mlp.up_proj = ColumnParallelLinear(_split(mlp.up_proj.weight, 0, rank, tp), group, input_gathered=sp)
+    mlp.down_proj = RowParallelLinear(_split(mlp.down_proj.weight, 1, rank, tp), group, sp)
 
 
 def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: bool = False) -> LossFn:
@@ -321,15 +376,11 @@ def apply_tensor_parallel(model: nn.Module, group: Group, sequence_parallel: boo
 
     # The vocabulary is padded to a multiple of tp; the loss masks the padded columns.
     vocab_size = model.cfg.vocab_size
-    embed = pad_vocab_rows(model.model.embed_tokens.weight, tp)
-    shard = embed.shape[0] // tp
-    model.model.embed_tokens = VocabParallelEmbedding(_shard(embed, 0, rank, tp), rank * shard, group, sp)
-    if model.cfg.tie_embeddings:
-        model.lm_head = ColumnParallelLinear(torch.empty(0), group, input_gathered=sp)
-        model.lm_head.weight = model.model.embed_tokens.weight
-    else:
-        head = _shard(pad_vocab_rows(model.lm_head.weight, tp), 0, rank, tp)
-        model.lm_head = ColumnParallelLinear(head, group, input_gathered=sp)
+    embed = _split(model.model.embed_tokens.weight, 0, rank, tp)
+    shard = embed.shape[0]
+    model.model.embed_tokens = VocabParallelEmbedding(embed, rank * shard, group, sp)
+    head = embed if model.cfg.tie_embeddings else _split(model.lm_head.weight, 0, rank, tp)
+    model.lm_head = ColumnParallelLinear(head, group, input_gathered=sp)
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, target, rank * shard, vocab_size, group)

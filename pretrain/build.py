@@ -8,21 +8,23 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from foundry.data.stream import Dataset
 from foundry.parallel.layout import Layout, recompute_every
 from foundry.parallel.parallelize import parallelize
+from foundry.parallel.tensor import LossFn, shard_of
 from foundry.parallel.topology import Topology
 from foundry.pretrain import engine as ds_engine
 from foundry.pretrain import kernels
-from foundry.pretrain.config import KernelConfig, ParallelConfig, RunConfig
-from foundry.pretrain.convert import load_hf
+from foundry.pretrain.config import KernelConfig, ModelConfig, ParallelConfig, RunConfig
+from foundry.pretrain.convert import hf_values
 from foundry.pretrain.flops import device_peak_flops, flops_per_token
-from foundry.pretrain.model import Llama, ModelOptions, num_parameters
+from foundry.pretrain.model import Llama, ModelOptions, initial_value, num_parameters
 from foundry.pretrain.preflight import preflight
 
 log = logging.getLogger("foundry")
@@ -96,6 +98,42 @@ def model_options(kernels_cfg: KernelConfig, parallel: ParallelConfig, layout: L
     )
 
 
+def build_model(cfg: RunConfig, topology: Topology, options: ModelOptions,
+                device: torch.device) -> tuple[Llama, nn.Module, LossFn | None]:
+    """This rank's part of the model: (the plain model, the module its engine trains, the loss function; None when
+    the model computes its own loss). The model is built on the meta device and sliced for this rank while it
+    has no memory (parallel/parallelize.py); only then do this rank's parameters get memory and values: the
+    run's initial values (each parameter generated whole from the seed and its name, then cut: the same model
+    under every layout) or those of `checkpoint.init_from`, read slice by slice. No rank ever holds more than
+    its own slices plus one full parameter. Reads cfg.model, .parallel, .train.seed, .checkpoint.init_from and
+    .data.seq_len."""
+    with torch.device("meta"):
+        model = Llama(cfg.model, options)
+    if cfg.checkpoint.init_from:
+        values = hf_values(Path(cfg.checkpoint.init_from), cfg.model)
+        log.info("initial weights from %s", cfg.checkpoint.init_from)
+    else:
+        values = initial_values(cfg.model, cfg.train.seed, device)
+    module, loss_fn = parallelize(model, topology, kernels.cross_entropy, cfg.parallel.sequence_parallel,
+                                  cfg.data.seq_len, lambda keep: model.materialize(values, device, keep))
+    recomputed = [int(i) for i, block in model.model.layers.items() if block.recompute]
+    if recomputed:
+        log.info("activation checkpointing (%s): blocks %s recompute in backward",
+                 cfg.parallel.activation_checkpointing, recomputed)
+    return model, module, None if options.loss_chunk else loss_fn
+
+
+def initial_values(model_cfg: ModelConfig, seed: int, device: torch.device) -> Callable[[str, nn.Parameter], torch.Tensor]:
+    """`Llama.materialize`'s values for a fresh model: each parameter's slice of its `initial_value`, generated
+    whole on `device` (one parameter at a time) and cut."""
+
+    def value(name: str, p: nn.Parameter) -> torch.Tensor:
+        shard = shard_of(p)
+        return shard.cut(initial_value(name, shard.full_shape, model_cfg, seed, device))
+
+    return value
+
+
 def start(cfg: RunConfig) -> Run:
     """Check the config, join the process group, and build the model, sliced for this rank, on its engine."""
     datasets, layout, grad_accum = preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -108,24 +146,12 @@ def start(cfg: RunConfig) -> Run:
     document_end = datasets[0].manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
     options = model_options(cfg.kernels, cfg.parallel, layout, document_end)
 
-    # The model: the same full model on every rank (seeded, or imported), then sliced.
-    torch.manual_seed(cfg.train.seed)
-    model = Llama(cfg.model, options)
-    if cfg.checkpoint.init_from:
-        model.load_state_dict(load_hf(Path(cfg.checkpoint.init_from))[1])
-        log.info("initial weights from %s", cfg.checkpoint.init_from)
-    recomputed = [i for i, block in model.model.layers.items() if block.recompute]
-    if recomputed:
-        log.info("activation checkpointing (%s): blocks %s recompute in backward",
-                 cfg.parallel.activation_checkpointing, [int(i) for i in recomputed])
-    model = model.to(device)
-    module, loss_fn = parallelize(model, topology, kernels.cross_entropy, cfg.parallel.sequence_parallel)
+    model, module, loss_fn = build_model(cfg, topology, options, device)
     plain_names = {id(p): n for n, p in model.named_parameters()}
-    if options.loss_chunk:
-        loss_fn = None  # the model computes its own loss
     if cfg.kernels.compile:
         for block in model.model.layers.values():
-            block.compile()  # in place: parameter names, and so checkpoints, stay as they are
+            if not next(block.parameters()).is_meta:  # this rank's blocks
+                block.compile()  # in place: parameter names, and so checkpoints, stay as they are
 
     # Tensors like this run's activations decide the kernel paths.
     probe = torch.empty(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -380,6 +380,16 @@ def validate(cfg: RunConfig) -> None:
     if cfg.launch.max_restarts and not cfg.checkpoint.resume:
         raise ConfigError(f"launch.max_restarts={cfg.launch.max_restarts} needs checkpoint.resume=true (or a "
                           f"relaunch starts over)")
+    check_precision(t.precision, cfg.parallel.zero_stage)
+
+
+def check_precision(precision: str, zero_stage: int) -> None:
+    """bf16 trains under ZeRO >= 1 only: DeepSpeed sums gradients over micro-batches in fp32 only there
+    (pretrain/engine.py). Checked on the config (train.precision=bf16) and again on the precision "auto" resolves
+    to on the device."""
+    if precision == "bf16" and zero_stage == 0:
+        raise ConfigError("parallel.zero_stage=0 with bf16: DeepSpeed without ZeRO sums gradients over micro-batches "
+                          "in bf16, losing precision; use parallel.zero_stage=1 (or 2, 3), which sums them in fp32")
 
 
 def load_config(files: list[str], overrides: list[str]) -> RunConfig:

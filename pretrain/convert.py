@@ -11,8 +11,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from foundry.parallel.tensor import shard_of
 from foundry.pretrain.config import ConfigError, ModelConfig, RopeScalingConfig
 
 SHARD_BYTES = 5 * 2**30
@@ -99,18 +101,62 @@ def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, to
         shutil.copy(tokenizer, out / "tokenizer.json")
 
 
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Which safetensors file of a Hugging Face directory holds each tensor (None for a single file: all)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return {}
+    return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+
+
+def hf_values(path: Path, cfg: ModelConfig):
+    """`Llama.materialize`'s values from a Hugging Face Llama directory: each parameter's slice (parallel/tensor.py's
+    Shard) read alone with safetensors' `get_slice`, so a rank reads only what it holds, never the whole model.
+    Each tensor opens its file afresh: the file's memory map (resident pages count as the process's memory)
+    is released before the next."""
+    files = _weight_files(path)
+
+    def value(name: str, p: torch.Tensor) -> torch.Tensor:
+        stored = "model.embed_tokens.weight" if cfg.tie_embeddings and name == "lm_head.weight" else name
+        with safe_open(str(files.get(stored, path / "model.safetensors")), framework="pt") as f:
+            return shard_of(p).read(f.get_slice(stored))
+
+    return value
+
+
+def check_hf_weights(path: Path, cfg: ModelConfig) -> None:
+    """Every tensor a model of `cfg` needs is in the directory's safetensors files, with its shape (read from the
+    files' headers only), so an incomplete download stops the run before it starts."""
+    from foundry.pretrain.model import Llama
+
+    with torch.device("meta"):
+        needed = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        needed.pop("lm_head.weight")
+    files = _weight_files(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())) or [path / "model.safetensors"]:
+        if not file.is_file():
+            raise ConfigError(f"{path} is missing {file.name}: download the whole model directory")
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    for name, shape in needed.items():
+        if shapes.get(name) != shape:
+            found = f"has shape {shapes[name]}" if name in shapes else "is missing"
+            raise ConfigError(f"{path}: tensor {name} {found}, the model needs {shape}: point checkpoint.init_from "
+                              f"at a whole Hugging Face Llama of this architecture")
+
+
 def load_hf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The model config and plain state dict of a Hugging Face Llama directory."""
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} has no config.json: point at a Hugging Face model directory")
     cfg = from_hf_config(json.loads((path / "config.json").read_text()))
-    index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (path / name).is_file():
-            raise ConfigError(f"{path} is missing {name}: download the whole model directory")
-        state.update(load_file(str(path / name)))
+    for file in sorted(set(_weight_files(path).values())) or [path / "model.safetensors"]:
+        if not file.is_file():
+            raise ConfigError(f"{path} is missing {file.name}: download the whole model directory")
+        state.update(load_file(str(file)))
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return cfg, state

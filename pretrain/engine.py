@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from foundry.pretrain.config import ParallelConfig, TrainConfig
+from foundry.pretrain.config import ParallelConfig, TrainConfig, check_precision
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -23,7 +23,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: int, precision: str,
                      optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`optimizer`: the AdamW implementation's settings (foundry.pretrain.kernels.optimizer_params); default torch's."""
+    """`optimizer`: the AdamW implementation's settings (foundry.pretrain.kernels.optimizer_params); default torch's.
+    Raises ConfigError for bf16 without ZeRO, which DeepSpeed can only run accumulating gradients in bf16."""
+    check_precision(precision, parallel.zero_stage)
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -31,6 +33,12 @@ def deepspeed_config(train: TrainConfig, parallel: ParallelConfig, grad_accum: i
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": parallel.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
+        # Gradients accumulate across micro-batches in fp32, as in Megatron and torchtitan: a bf16 sum keeps 8
+        # bits of mantissa, so every micro-batch added rounds away what the earlier ones summed to. bf16 under
+        # ZeRO-1 (and pipelines) then runs on DeepSpeed's BF16_Optimizer (a whole fp32 gradient buffer), under
+        # ZeRO-2/3 on the ZeRO optimizers with an fp32 gradient partition; without ZeRO it is refused above.
+        # An fp32 model accumulates in fp32 anyway.
+        "data_types": {"grad_accum_dtype": "fp32"},
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW unless asked otherwise: DeepSpeed's FusedAdam is a JIT-compiled CUDA/C++ op

@@ -4,15 +4,17 @@ The count is the standard one (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, 
 6 FLOPs per token for every parameter that takes part in a matrix multiply (forward 2,
 backward 4), plus the attention scores and weighted sum, 12 * layers * heads * head_dim *
 seq_len. The input embedding is a lookup, not a matmul, so it is left out; the output head is in.
-Activation recomputation is not counted: MFU measures useful model work.
+Activation recomputation is not counted: MFU measures useful model work. The terms (per block, the
+head, the embedding) live in foundry.parallel.stages, which balances pipeline stages by them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from foundry.parallel.planner import ModelShape
+from foundry.parallel.stages import EMBEDDING_FLOPS, block_flops, head_flops
 from foundry.pretrain.config import ModelConfig
-from foundry.pretrain.model import num_parameters
 
 # Dense bf16 tensor-core peak per device, FLOP/s, from the vendors' data sheets (no sparsity).
 PEAK_BF16_FLOPS = {
@@ -28,11 +30,8 @@ PEAK_BF16_FLOPS = {
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    matmul_params = num_parameters(cfg, embedding=False)
-    if cfg.tie_embeddings:
-        matmul_params += cfg.vocab_size * cfg.hidden_size  # the tied head still multiplies
-    head_dim = cfg.hidden_size // cfg.num_heads
-    return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.num_heads * head_dim * seq_len
+    shape = ModelShape.of(cfg)  # a tied head still multiplies: head_flops counts it either way
+    return float(EMBEDDING_FLOPS + cfg.num_layers * block_flops(shape, seq_len) + head_flops(shape))
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -5,17 +5,20 @@ LlamaForCausalLM (`model.layers.0.self_attn.q_proj`, ...) so checkpoints map one
 Nothing here knows about parallelism: `parallel/` transforms this model from outside.
 
 How the model computes (kernel paths, chunked loss, document masking, recomputation) is fixed when it
-is built (`ModelOptions`). The values of weights and RoPE tables are set by `init_weights` alone, so the
-model can be built on the meta device and materialised later, equal to one built directly from the same
-seed: `with torch.device("meta"): m = Llama(cfg)`, then `m.to_empty(device=...)` and `m.init_weights()`.
+is built (`ModelOptions`). Its values are given in one place, `Llama.materialize`: a model built on the meta
+device (`with torch.device("meta"): m = Llama(cfg)`, no memory) can be sliced for a rank first and then
+given only its slices' values. Each parameter's initial value depends on the seed and the parameter's name
+alone (`initial_value`), so the model is the same whichever parameters a rank holds.
 
 Shapes: B batch, S sequence, D hidden, H query heads, K kv heads, Dh head size, V vocab.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -181,52 +184,54 @@ class Llama(nn.Module):
     """tokens (B, S) -> logits (B, S, V); with targets (B, S), the mean next-token loss instead. With a
     KVCache, `tokens` continue the cached sequence (see pretrain/generate.py)."""
 
-    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions()):
+    def __init__(self, cfg: ModelConfig, options: ModelOptions = ModelOptions(), seed: int | None = None):
+        """On the meta device (the default device inside `with torch.device("meta")`) the model has shapes and no
+        values; elsewhere it is materialised with the initial values of `seed` (None: a seed drawn from torch's
+        default generator, so `torch.manual_seed` decides)."""
         super().__init__()
         self.cfg, self.options = cfg, options
-        # Built without values, then given memory on the device in use: every value comes from init_weights,
-        # so the weights depend on the seed through it alone, as when the model is built on the meta device.
         device = torch.get_default_device()
         with torch.device("meta"):
             self.model = LlamaBody(cfg, options)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
             # Not persistent: derived from the config, so checkpoints stay free of them.
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
             self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, self.head_dim), persistent=False)
-        self.to_empty(device=device)
-        self.init_weights()
-
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Llama:
-        """Memory for every parameter and buffer on `device`, values unset (see init_weights); tied
-        embeddings stay one parameter."""
-        super().to_empty(device=device, recurse=recurse)
-        if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        return self
+        if device.type != "meta":
+            seed = int(torch.randint(2**62, ())) if seed is None else seed
+            self.materialize(lambda name, p: initial_value(name, tuple(p.shape), cfg, seed, device), device)
 
     @property
     def head_dim(self) -> int:
         return self.cfg.hidden_size // self.cfg.num_heads
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The RoPE tables, and weights Normal(0, init_std); the projections that write into the residual
-        stream get init_std / sqrt(2 * num_layers) so the residual variance stays bounded with depth (GPT-2).
-        Nothing to do on the meta device; after `to_empty` it sets every value."""
+    def materialize(self, value: Callable[[str, nn.Parameter], torch.Tensor], device: torch.device | str,
+                    keep: Callable[[str], bool] = lambda name: True) -> None:
+        """Memory and values on `device` for the parameters still on the meta device that `keep` names (the
+        others stay shapes: a pipeline stage's rank keeps only its own layers), one at a time, and the RoPE
+        tables. `value(name, p)` gives parameter `name`'s values, p's shape and dtype, p being the meta
+        parameter (a tensor-parallel slice records which part of the full one it is: parallel/tensor.py's
+        Shard). A parameter held under two names (tied embeddings) stays one; its attributes are kept."""
+        made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (the meta one, kept alive: ids are reused; its own)
+        for prefix, module in self.named_modules():
+            for key, p in module._parameters.items():
+                if p is None or not p.is_meta:
+                    continue
+                name = f"{prefix}.{key}" if prefix else key
+                if id(p) not in made:
+                    if not keep(name):
+                        continue
+                    own = nn.Parameter(value(name, p).to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+                    for attr, flag in p.__dict__.items():  # tensor-parallel flags (a fake tensor's own stay)
+                        own.__dict__.setdefault(attr, flag)
+                    made[id(p)] = (p, own)
+                module._parameters[key] = made[id(p)][1]
         if self.rope_cos.is_meta:
-            return
-        cos, sin = rope_cos_sin(rope_frequencies(self.head_dim, self.cfg), self.cfg.max_seq_len)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0)  # norm gains
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.normal_(0.0, residual_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            self.rope_cos, self.rope_sin = (t.to(device) for t in
+                                            rope_cos_sin(rope_frequencies(self.head_dim, self.cfg), self.cfg.max_seq_len))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -250,6 +255,22 @@ class Llama(nn.Module):
         if self.options.loss_chunk:
             return head_cross_entropy(x, self.lm_head.weight, targets, self.options.loss_chunk)
         return cross_entropy(self.lm_head(x), targets)
+
+
+def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full initial value of parameter `name`: norm gains 1, weights Normal(0, init_std), the projections
+    that write into the residual stream init_std / sqrt(2 * num_layers) so the residual variance stays bounded
+    with depth (GPT-2). Drawn from a generator seeded by the seed and the name alone, so every rank computes
+    the same value for a parameter, whatever else it holds."""
+    if len(shape) == 1:
+        return torch.ones(shape, device=device)
+    std = cfg.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2 * cfg.num_layers)
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
 
 
 def document_positions(tokens: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:

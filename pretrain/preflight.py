@@ -16,7 +16,7 @@ from foundry.data.tokenizer import DataError
 from foundry.parallel.layout import Layout
 from foundry.pretrain import kernels
 from foundry.pretrain.config import ConfigError, ModelConfig, RunConfig, check_world_size
-from foundry.pretrain.convert import from_hf_config
+from foundry.pretrain.convert import check_hf_weights, from_hf_config
 from foundry.pretrain.evaluate import check_size
 
 
@@ -40,6 +40,7 @@ def preflight(cfg: RunConfig, world_size: int) -> tuple[list[Dataset], Layout, i
                           f"{datasets[0].name}: set model.vocab_size >= {vocab}")
     if cfg.checkpoint.init_from:
         check_same_architecture(cfg.model, cfg.checkpoint.init_from)
+        check_hf_weights(Path(cfg.checkpoint.init_from), cfg.model)
     layout = Layout.from_config(cfg.parallel, cfg.model, world_size)
     grad_accum = check_world_size(cfg.train, layout.dp)
     check_readers(cfg.data.streams, layout.dp, cfg.data.workers)

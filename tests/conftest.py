@@ -14,9 +14,14 @@ from typing import IO
 
 import pytest
 
-from foundry.pretrain.config import ModelConfig
+from foundry.pretrain.config import ModelConfig, load_model_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def preset(name: str) -> ModelConfig:
+    """A model preset of configs/models by name, e.g. "llama3-8b"."""
+    return load_model_config(f"configs/models/{name}.yaml")
 
 
 @pytest.fixture

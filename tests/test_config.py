@@ -242,3 +242,10 @@ def test_train_launch_and_eval_refuse_a_missing_validation_set_in_one_line(tmp_p
         assert capsys.readouterr().err.strip().splitlines() == [
             f"foundry: config error: eval.datasets[0]={missing} has no manifest.json: prepare it with `foundry "
             f"prepare-data INPUT... --holdout 0.01 --out DIR` (then DIR/holdout) or point at a prepared set"], argv
+
+
+def test_bf16_without_zero_is_refused_with_the_stage_that_sums_in_fp32():
+    message = _refused(["train.precision=bf16", "parallel.zero_stage=0"])
+    assert message.startswith("parallel.zero_stage=0 with bf16") and "parallel.zero_stage=1" in message
+    assert load_config(BASE, ["train.precision=bf16", "parallel.zero_stage=1"])
+    assert load_config(BASE, ["train.precision=fp32", "parallel.zero_stage=0"])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import transformers  # a test dependency (pip install -e .[test]): the equivalence tests must not be skipped
 
 from foundry.pretrain.config import ModelConfig, RopeScalingConfig
-from foundry.pretrain.model import Attention, Llama, ModelOptions, apply_rope, rope_cos_sin, rope_frequencies
+from foundry.pretrain.model import Attention, Llama, ModelOptions, apply_rope, initial_value, rope_cos_sin, rope_frequencies
 
 
 def test_causal_masking(tiny):
@@ -150,14 +150,11 @@ def test_tiny_model_overfits_one_batch(tiny):
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_a_model_built_on_the_meta_device_and_materialised_equals_one_built_directly(tiny, tie_embeddings):
     tiny = ModelConfig(**{**tiny.__dict__, "tie_embeddings": tie_embeddings})
-    torch.manual_seed(0)
-    direct = Llama(tiny)
+    direct = Llama(tiny, seed=7)
     with torch.device("meta"):
         deferred = Llama(tiny)
     assert all(p.is_meta for p in deferred.parameters())  # nothing allocated yet
-    deferred.to_empty(device="cpu")
-    torch.manual_seed(0)
-    deferred.init_weights()
+    deferred.materialize(lambda name, p: initial_value(name, tuple(p.shape), tiny, 7), "cpu")
     assert (deferred.lm_head.weight is deferred.model.embed_tokens.weight) == tie_embeddings
     assert len(list(deferred.parameters())) == len(list(direct.parameters()))
     expected = direct.state_dict()
@@ -167,6 +164,19 @@ def test_a_model_built_on_the_meta_device_and_materialised_equals_one_built_dire
         assert torch.equal(getattr(deferred, name), getattr(direct, name)), name
     tokens = torch.randint(0, tiny.vocab_size, (2, 16))
     assert torch.equal(deferred(tokens), direct(tokens))
+
+
+def test_a_parameters_initial_value_depends_on_the_seed_and_its_name_alone(tiny):
+    """What makes every layout start from the same model: a rank computes a parameter's value without knowing
+    what else is built, or in which order."""
+    shape = (64, 32)
+    a = initial_value("model.layers.1.mlp.up_proj.weight", shape, tiny, seed=3)
+    assert torch.equal(a, initial_value("model.layers.1.mlp.up_proj.weight", shape, tiny, seed=3))
+    assert not torch.equal(a, initial_value("model.layers.1.mlp.up_proj.weight", shape, tiny, seed=4))
+    assert not torch.equal(a, initial_value("model.layers.0.mlp.up_proj.weight", shape, tiny, seed=3))
+    torch.manual_seed(0)  # torch's global generator plays no part
+    assert torch.equal(a, initial_value("model.layers.1.mlp.up_proj.weight", shape, tiny, seed=3))
+    assert a.std().item() == pytest.approx(tiny.init_std, rel=0.1)
 
 
 def test_two_models_with_different_recomputation_coexist_and_compute_the_same(tiny):
