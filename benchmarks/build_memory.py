@@ -24,8 +24,32 @@ from foundry.pretrain.model import Llama, num_parameters
 from foundry.parallel.layout import Layout
 from foundry.parallel.tensor import shard_of
 from foundry.parallel.topology import Topology
-from foundry.pretrain.simulate import (GIB, coordinates, fake_world, peak_resident_bytes, reset_peak_resident,
-                                       resident_bytes)
+from foundry.pretrain.simulate import GIB, coordinates, fake_world
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    return _status("VmRSS")
+
+
+def reset_peak_resident() -> None:
+    """Start counting the peak resident memory afresh from now (Linux: "5" to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_resident_bytes() -> int:
+    """The most this process has held resident since it started or since `reset_peak_resident` (VmHWM; not
+    getrusage's ru_maxrss, which a process inherits from its parent across fork and exec)."""
+    return _status("VmHWM")
 
 
 def build_rank(files: list[str], overrides: list[str], rank: int) -> Llama:
@@ -57,7 +81,8 @@ def _build(files: list[str], overrides: list[str], rank: int) -> tuple[Llama, Ru
         options = model_options(cfg.kernels, cfg.parallel, layout, document_end=None)
         before = resident_bytes()
         reset_peak_resident()
-        model, _, _ = build_model(cfg, topology, options, torch.device("cpu"))
+        model, _, _ = build_model(cfg.model, cfg.parallel, options, topology, torch.device("cpu"), seed=cfg.train.seed,
+                                  seq_len=cfg.data.seq_len, init_from=cfg.checkpoint.init_from)
         added = peak_resident_bytes() - before
         info = {"layout": str(layout), "world": world, "rank": rank, **coordinates(topology)}
     return model, cfg, info, added

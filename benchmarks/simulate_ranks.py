@@ -21,7 +21,7 @@ JOBS = {
 
 
 def main() -> None:
-    print(f"| job | rank (tp, pp, dp) | blocks | mode | " + " | ".join(CATEGORIES) + " | total |")
+    print("| job | rank (tp, pp, dp) | blocks | mode | " + " | ".join(CATEGORIES) + " | total |")
     print("| --- | --- | --- | --- | " + " | ".join("---" for _ in CATEGORIES) + " | --- |")
     for job, (files, overrides) in JOBS.items():
         cfg = load_config(files, overrides)

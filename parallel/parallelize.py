@@ -10,12 +10,12 @@ given memory and values (`materialize`), so no rank ever holds the whole model."
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable
 
 from torch import nn
 
 from foundry.parallel.pipeline import build_pipeline_module
-from foundry.parallel.planner import ModelShape, default_seq_len
+from foundry.parallel.planner import ModelShape
 from foundry.parallel.stages import stage_blocks
 from foundry.parallel.tensor import LossFn, apply_tensor_parallel
 from foundry.parallel.topology import Topology
@@ -26,15 +26,14 @@ log = logging.getLogger("foundry")
 Keep = Callable[[str], bool]  # of a parameter's name in the plain model: does this rank hold it?
 
 
-def parallelize(model: nn.Module, topology: Topology, loss_fn: LossFn, sequence_parallel: bool,
-                seq_len: Optional[int] = None,
-                materialize: Callable[[Keep], None] = lambda keep: None) -> tuple[nn.Module, LossFn]:
+def parallelize(model: nn.Module, topology: Topology, loss_fn: LossFn, sequence_parallel: bool, seq_len: int,
+                materialize: Callable[[Keep], None]) -> tuple[nn.Module, LossFn]:
     """The module to hand to DeepSpeed, and the loss function that goes with it. `model` is a plain Llama
     (foundry.pretrain.model), on the meta device or not, and `loss_fn` its plain loss of (logits, targets).
     `materialize(keep)` is called once the model is sliced, before the pipeline module needs memory, to give
-    the parameters `keep` names memory and values (pretrain/build.py). Pipeline stages are balanced by
-    training FLOPs at `seq_len`, the training sequence length (by default the planner's: model.max_seq_len
-    capped at 8192)."""
+    the parameters `keep` names memory and values (pretrain/build.py; a no-op for a model that has values).
+    Pipeline stages are balanced by training FLOPs at `seq_len`, the training sequence length, as the planner
+    balances them."""
     tp = topology.layout.tp
     if tp > 1:
         loss_fn = apply_tensor_parallel(model, topology.get_tensor_model_parallel_group(), sequence_parallel)
@@ -44,7 +43,6 @@ def parallelize(model: nn.Module, topology: Topology, loss_fn: LossFn, sequence_
         materialize(lambda name: True)
         return model, loss_fn
     seq_split = tp if sequence_parallel else 1
-    seq_len = default_seq_len(model.cfg) if seq_len is None else seq_len
     stages = stage_blocks(ModelShape.of(model.cfg), topology.layout.pp, seq_len)
     stage = topology.get_pipeline_model_parallel_rank()
     materialize(stage_keeps(stages[stage], first=stage == 0, last=stage == len(stages) - 1,

@@ -98,7 +98,8 @@ class Precision:
         return self.accumulate != self.grads
 
     def gradients(self, zero_stage: int, dp: int, accumulating: bool) -> float:
-        """Gradient bytes per parameter at their peak, measured in benchmarks/memory.py. Summing in the
+        """Gradient bytes per parameter at their peak, as DeepSpeed's engines hold them (tests/test_memory.py
+        counts live engines). Summing in the
         weights' dtype (fp32), ZeRO 0-1 sum in `param.grad`, whole, and ZeRO-2 holds two partitions
         while accumulating (see `estimate`). Summing in fp32 apart (bf16), ZeRO-1 runs DeepSpeed's
         BF16_Optimizer: a whole fp32 buffer next to every `param.grad`, kept until the step; ZeRO-2 and

@@ -167,7 +167,8 @@ class Shard:
         if self.dim is None:
             return full
         start, stop, size = self.bounds()
-        return self._pad(full.narrow(self.dim, start, stop - start), size).clone()
+        part = full.narrow(self.dim, start, stop - start)
+        return self._pad(part, size) if stop - start < size else part.clone()
 
     def read(self, stored: Any) -> torch.Tensor:
         """This part of a stored tensor that can be sliced without reading the rest (safetensors' `get_slice`)."""
@@ -279,7 +280,8 @@ class SequenceParallelNorm(nn.Module):
         self.weight = norm.weight
         self.group = group
         # Not a submodule, so that its weight is registered once, here, under the name it had. Safe: .to(),
-        # .apply() and state_dict() never see `norm`, but the only tensor it holds is that same Parameter.
+        # .apply() and state_dict() never see `norm`, and its forward runs on the weight passed to
+        # functional_call; its own `weight` may stay the meta parameter the model was built with.
         object.__setattr__(self, "norm", norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,12 +333,6 @@ def vocab_parallel_cross_entropy(
 
 
 # Applying it.
-
-
-def pad_vocab_rows(weight: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero rows appended so the vocabulary splits evenly over `multiple` ranks."""
-    pad = -weight.shape[0] % multiple
-    return F.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
 
 
 # `sp`: sequence parallelism, under which every column-parallel layer reads a SequenceParallelNorm's gathered output.

@@ -98,28 +98,29 @@ def model_options(kernels_cfg: KernelConfig, parallel: ParallelConfig, layout: L
     )
 
 
-def build_model(cfg: RunConfig, topology: Topology, options: ModelOptions,
-                device: torch.device) -> tuple[Llama, nn.Module, LossFn | None]:
+def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, options: ModelOptions, topology: Topology,
+                device: torch.device, *, seed: int, seq_len: int,
+                init_from: str | None) -> tuple[Llama, nn.Module, LossFn | None]:
     """This rank's part of the model: (the plain model, the module its engine trains, the loss function; None when
     the model computes its own loss). The model is built on the meta device and sliced for this rank while it
-    has no memory (parallel/parallelize.py); only then do this rank's parameters get memory and values: the
-    run's initial values (each parameter generated whole from the seed and its name, then cut: the same model
-    under every layout) or those of `checkpoint.init_from`, read slice by slice. No rank ever holds more than
-    its own slices plus one full parameter. Reads cfg.model, .parallel, .train.seed, .checkpoint.init_from and
-    .data.seq_len."""
+    has no memory (parallel/parallelize.py; pipeline stages balanced at `seq_len`); only then do this rank's
+    parameters get memory and values: the initial values of `seed` (each parameter generated whole from the
+    seed and its name, then cut: the same model under every layout) or those of the Hugging Face directory
+    `init_from` (checkpoint.init_from), read slice by slice. No rank ever holds more than its own slices plus
+    one full parameter."""
     with torch.device("meta"):
-        model = Llama(cfg.model, options)
-    if cfg.checkpoint.init_from:
-        values = hf_values(Path(cfg.checkpoint.init_from), cfg.model)
-        log.info("initial weights from %s", cfg.checkpoint.init_from)
+        model = Llama(model_cfg, options)
+    if init_from:
+        values = hf_values(Path(init_from), model_cfg)
+        log.info("initial weights from %s", init_from)
     else:
-        values = initial_values(cfg.model, cfg.train.seed, device)
-    module, loss_fn = parallelize(model, topology, kernels.cross_entropy, cfg.parallel.sequence_parallel,
-                                  cfg.data.seq_len, lambda keep: model.materialize(values, device, keep))
+        values = initial_values(model_cfg, seed, device)
+    module, loss_fn = parallelize(model, topology, kernels.cross_entropy, parallel.sequence_parallel, seq_len,
+                                  lambda keep: model.materialize(values, device, keep))
     recomputed = [int(i) for i, block in model.model.layers.items() if block.recompute]
     if recomputed:
         log.info("activation checkpointing (%s): blocks %s recompute in backward",
-                 cfg.parallel.activation_checkpointing, recomputed)
+                 parallel.activation_checkpointing, recomputed)
     return model, module, None if options.loss_chunk else loss_fn
 
 
@@ -146,7 +147,8 @@ def start(cfg: RunConfig) -> Run:
     document_end = datasets[0].manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
     options = model_options(cfg.kernels, cfg.parallel, layout, document_end)
 
-    model, module, loss_fn = build_model(cfg, topology, options, device)
+    model, module, loss_fn = build_model(cfg.model, cfg.parallel, options, topology, device, seed=cfg.train.seed,
+                                         seq_len=cfg.data.seq_len, init_from=cfg.checkpoint.init_from)
     plain_names = {id(p): n for n, p in model.named_parameters()}
     if cfg.kernels.compile:
         for block in model.model.layers.values():

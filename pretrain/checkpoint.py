@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from foundry.parallel.tensor import VOCAB_PARAMS, pad_vocab_rows
+from foundry.parallel.tensor import VOCAB_PARAMS, Shard
 from foundry.pretrain.config import first_line
 
 log = logging.getLogger("foundry")
@@ -317,8 +317,10 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
 
     by_name, scheduler = _read_universal(tag_dir)
     zero = engine.optimizer
-    # DeepSpeed creates AdamW's state at the first step; create it now so it can be set.
-    for group in zero.single_partition_of_fp32_groups:
+    # DeepSpeed creates AdamW's state at the first step; create it now so it can be set. The fp32 partitions
+    # AdamW steps: ZeRO-1/2's optimizer names them one way, BF16_Optimizer (bf16 under ZeRO-1) another.
+    partitions = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
+    for group in partitions:
         zero.optimizer.state[group] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(group),
                                        "exp_avg_sq": torch.zeros_like(group)}
     zero._lazy_init_hp_params_optimizer_state()
@@ -328,10 +330,8 @@ def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: i
         vocab_rows = name.endswith(VOCAB_PARAMS)
         for key in ("fp32", *MOMENTS):
             full = _joined(by_name[name], key, vocab_size if vocab_rows else None)
-            if cut_dim is not None:
-                if vocab_rows:
-                    full = pad_vocab_rows(full, tp)
-                full = full.chunk(tp, dim=cut_dim)[tp_rank]
+            if cut_dim is not None:  # this rank's part, as tensor parallelism cut it (padded vocabulary included)
+                full = Shard(tuple(full.shape), cut_dim, tp_rank, tp).cut(full)
             local = full.to(p.device)
             if key == "fp32":
                 safe_set_full_fp32_param(p, local)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from foundry.parallel.tensor import shard_of
 from foundry.pretrain.config import ConfigError, ModelConfig, RopeScalingConfig
+from foundry.pretrain.model import Llama
 
 SHARD_BYTES = 5 * 2**30
 
@@ -102,14 +104,14 @@ def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, out: Path, to
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
-    """Which safetensors file of a Hugging Face directory holds each tensor (None for a single file: all)."""
+    """Which safetensors file of a Hugging Face directory holds each tensor (empty for a single file: all)."""
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return {}
     return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
 
 
-def hf_values(path: Path, cfg: ModelConfig):
+def hf_values(path: Path, cfg: ModelConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """`Llama.materialize`'s values from a Hugging Face Llama directory: each parameter's slice (parallel/tensor.py's
     Shard) read alone with safetensors' `get_slice`, so a rank reads only what it holds, never the whole model.
     Each tensor opens its file afresh: the file's memory map (resident pages count as the process's memory)
@@ -127,8 +129,6 @@ def hf_values(path: Path, cfg: ModelConfig):
 def check_hf_weights(path: Path, cfg: ModelConfig) -> None:
     """Every tensor a model of `cfg` needs is in the directory's safetensors files, with its shape (read from the
     files' headers only), so an incomplete download stops the run before it starts."""
-    from foundry.pretrain.model import Llama
-
     with torch.device("meta"):
         needed = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
     if cfg.tie_embeddings:

@@ -215,16 +215,17 @@ class Llama(nn.Module):
         tables. `value(name, p)` gives parameter `name`'s values, p's shape and dtype, p being the meta
         parameter (a tensor-parallel slice records which part of the full one it is: parallel/tensor.py's
         Shard). A parameter held under two names (tied embeddings) stays one; its attributes are kept."""
+        names: dict[int, list[str]] = {}  # a parameter's names, the first its own (a tied head is the embedding)
+        for name, p in self.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
         made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (the meta one, kept alive: ids are reused; its own)
         for prefix, module in self.named_modules():
             for key, p in module._parameters.items():
-                if p is None or not p.is_meta:
+                if p is None or not p.is_meta or not any(keep(name) for name in names[id(p)]):
                     continue
-                name = f"{prefix}.{key}" if prefix else key
                 if id(p) not in made:
-                    if not keep(name):
-                        continue
-                    own = nn.Parameter(value(name, p).to(device=device, dtype=p.dtype), requires_grad=p.requires_grad)
+                    own = nn.Parameter(value(names[id(p)][0], p).to(device=device, dtype=p.dtype),
+                                       requires_grad=p.requires_grad)
                     for attr, flag in p.__dict__.items():  # tensor-parallel flags (a fake tensor's own stay)
                         own.__dict__.setdefault(attr, flag)
                     made[id(p)] = (p, own)
@@ -261,16 +262,17 @@ def initial_value(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int
                   device: torch.device | str = "cpu") -> torch.Tensor:
     """The full initial value of parameter `name`: norm gains 1, weights Normal(0, init_std), the projections
     that write into the residual stream init_std / sqrt(2 * num_layers) so the residual variance stays bounded
-    with depth (GPT-2). Drawn from a generator seeded by the seed and the name alone, so every rank computes
-    the same value for a parameter, whatever else it holds."""
+    with depth (GPT-2). Drawn in fp32 from a generator seeded by the seed and the name alone, so every rank
+    computes the same value for a parameter, whatever else it holds (on the same kind of device: CPU and CUDA
+    generators draw different streams)."""
     if len(shape) == 1:
-        return torch.ones(shape, device=device)
+        return torch.ones(shape, device=device, dtype=torch.float32)
     std = cfg.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         std /= math.sqrt(2 * cfg.num_layers)
     digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
     generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+    return torch.empty(shape, device=device, dtype=torch.float32).normal_(0.0, std, generator=generator)
 
 
 def document_positions(tokens: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,19 +43,25 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
     os.environ.update(env)
     import deepspeed
     import deepspeed.ops
+    from deepspeed.accelerator import real_accelerator
     from deepspeed.utils import groups
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    accelerator, shm = real_accelerator.ds_accelerator, deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm")
     try:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # as pretrain/engine.py does on CPU
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)  # adopts the fake group
         yield
     finally:
-        # DeepSpeed keeps the groups (and the mpu) of the last engine in module globals: forget them with the world.
+        # DeepSpeed keeps the groups (and the mpu) of the last engine, and the accelerator it chose, in module
+        # globals: forget ours with the world.
         for name in ("mpu", "_WORLD_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
                      "_DATA_PARALLEL_GROUP", "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE", "_MPU_TENSOR_MODEL_PARALLEL_RANK"):
             setattr(groups, name, None)
-        dist.destroy_process_group()
+        real_accelerator.ds_accelerator = accelerator
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = shm
+        if dist.is_initialized():
+            dist.destroy_process_group()
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key)
@@ -67,31 +73,6 @@ def coordinates(topology: Topology) -> dict[str, int]:
     """This rank's place in the layout: its tp, pp and dp rank."""
     return {"tp": topology.get_tensor_model_parallel_rank(), "pp": topology.get_pipeline_model_parallel_rank(),
             "dp": topology.get_data_parallel_rank()}
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (VmRSS)."""
-    return _status("VmRSS")
-
-
-def reset_peak_resident() -> None:
-    """Start counting the peak resident memory afresh from now (Linux: "5" to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_resident_bytes() -> int:
-    """The most this process has held resident since it started or since `reset_peak_resident` (VmHWM; not
-    getrusage's ru_maxrss, which a process inherits from its parent across fork and exec)."""
-    return _status("VmHWM")
 
 
 @dataclasses.dataclass
@@ -183,17 +164,19 @@ def simulate(cfg: RunConfig, rank: int, measure_if_fits: bool = True) -> RankRep
         topology = Topology(layout)
         stage = topology.get_pipeline_model_parallel_rank()
         planned = planned_memory(cfg, layout, precision, stage)
-        state = planned.total - planned.overhead - planned.activations
-        measured = measure_if_fits and state + planned.activations < available_bytes() / 2
+        measured = measure_if_fits and planned.total - planned.overhead < available_bytes() / 2
         options = model_options(cfg.kernels, cfg.parallel, layout, document_end=None)
         blocks = stage_blocks(ModelShape.of(cfg.model), layout.pp, cfg.data.seq_len)[stage]
         with contextlib.nullcontext() if measured else _fake_tensors(dtype):
-            model, module, loss_fn = build_model(cfg, topology, options, torch.device("cpu"))
+            # Initial values, whatever checkpoint.init_from says: the weights' values change no byte counted.
+            model, module, loss_fn = build_model(cfg.model, cfg.parallel, options, topology, torch.device("cpu"),
+                                                 seed=cfg.train.seed, seq_len=cfg.data.seq_len, init_from=None)
             if measured:
                 module.to(dtype)
             counted = engine_bytes(module, ds_config, layout.dp, topology.get_data_parallel_rank(),
                                    pipeline=layout.pp > 1)
             activations = _activations(cfg, model, module, loss_fn, layout, stage, grad_accum, blocks)
+            module.zero_grad(set_to_none=True)  # the engine below starts from no gradients
         got = {"params": counted.params, "grads": counted.grads, "optimizer": counted.optimizer,
                "activations": activations, "buffers": counted.bucket}
         how = {key: "counted (DeepSpeed's rules)" for key in CATEGORIES}
@@ -205,7 +188,7 @@ def simulate(cfg: RunConfig, rank: int, measure_if_fits: bool = True) -> RankRep
             how.update({key: "measured" for key in got_state})
         else:
             optimizer = counted.wrapper
-        parameters = sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+        parameters = sum(p.numel() for p in module.parameters())
         return RankReport(rank, world, str(layout), coordinates(topology), blocks, parameters,
                           "measured" if measured else "counted", how, got, _planned(planned), optimizer, steps)
 
@@ -241,7 +224,8 @@ def _activations(cfg: RunConfig, model: Any, module: Any, loss_fn: Any, layout: 
     block = model.model.layers[str(recomputed[0])]
     block.recompute = False
     try:
-        with SavedTensors(exclude=module) as saved:
+        # The model's RoPE tables are not the stage's (cast with it): neither is an activation.
+        with SavedTensors(exclude=[*module.parameters(), *module.buffers(), model.rope_cos, model.rope_sin]) as saved:
             x = torch.zeros(b, local_s, h, dtype=dtype, requires_grad=True)
             out = block(x, model.rope_cos[:s], model.rope_sin[:s])
             rebuilt = saved.live
@@ -306,6 +290,8 @@ def _size(n: float) -> str:
 
 def default_ranks(cfg: RunConfig) -> list[int]:
     """The first rank of the first, a middle and the last pipeline stage."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # the rank order topology.py uses
+
     layout = Layout.from_config(cfg.parallel, cfg.model, world_size(cfg))
-    stages = sorted({0, layout.pp // 2, layout.pp - 1})
-    return [stage * layout.dp * layout.tp for stage in stages]
+    order = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    return [order.filter_match(pipe=stage, data=0, model=0)[0] for stage in sorted({0, layout.pp // 2, layout.pp - 1})]

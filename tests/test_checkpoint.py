@@ -121,6 +121,25 @@ def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shard
             assert m["loss"] == pytest.approx(straight[m["step"]]["loss"], rel=1e-4), (layout, m)
 
 
+def test_a_bf16_checkpoint_resumes_under_another_layout(tmp_path, stdlib_shards):
+    """bf16 under ZeRO-1 runs DeepSpeed's BF16_Optimizer (fp32 gradient sums), whose fp32 partitions the
+    layout-free copy is loaded into: dp 2 -> one process. bf16 is emulated on the CPU; the sums' order changes
+    with dp, so losses agree to bf16's precision, not bitwise."""
+    common = [*COMMON, *data_args(stdlib_shards), "train.precision=bf16"]
+    torchrun(2, [*common, f"train.run_dir={tmp_path / 'straight'}"])
+    straight = {m["step"]: m for m in read_metrics(tmp_path / "straight")}
+    run = tmp_path / "resharded"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / tag_for(5), run / "checkpoints" / tag_for(5))
+    (run / "checkpoints" / POINTER).write_text(tag_for(5))
+    out = torchrun(1, [*common, f"train.run_dir={run}"])
+    assert "resharding" in out.stderr + out.stdout
+    resumed = read_metrics(run)
+    assert [m["step"] for m in resumed] == list(range(6, STEPS + 1))
+    for m in resumed:
+        assert m["loss"] == pytest.approx(straight[m["step"]]["loss"], rel=2e-2), m
+
+
 def test_resharding_from_zero_3_is_refused(tmp_path):
     from foundry.pretrain.checkpoint import load
 
