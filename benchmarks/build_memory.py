@@ -73,7 +73,7 @@ def measure(files: list[str], overrides: list[str], rank: int) -> dict:
 
 def _build(files: list[str], overrides: list[str], rank: int) -> tuple[Llama, RunConfig, dict, int]:
     cfg = load_config(files, overrides)
-    world = cfg.launch.nodes * cfg.launch.procs_per_node
+    world = cfg.launch.world_size
     layout = Layout.from_config(cfg.parallel, cfg.model, world)
     check_world_size(cfg.train, layout.dp)
     with fake_world(rank, world):

@@ -111,7 +111,7 @@ def _launch(args: argparse.Namespace) -> int:
         slurm.run_node(cfg, Path(args.config[0]))
     if args.mode == "local":
         check_endpoint(cfg.launch)
-    preflight(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)  # the job's world size must fit the config
+    preflight(cfg, cfg.launch.world_size)  # the job's world size must fit the config
     run_dir = Path(cfg.train.run_dir)
     config_path = run_dir / "config.yaml"  # what the job trains: the config as resolved and checked now
     if not args.dry_run:

@@ -343,6 +343,10 @@ class LaunchConfig(Section):
     )
     slurm: SlurmConfig = _help(SlurmConfig(), "SLURM batch job")
 
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
     def rules(self, key: str) -> None:
         self.slurm.validate(f"{key}.slurm")
 

@@ -102,10 +102,6 @@ def available_bytes() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def world_size(cfg: RunConfig) -> int:
-    return cfg.launch.nodes * cfg.launch.procs_per_node
-
-
 def planned_memory(cfg: RunConfig, layout: Layout, precision: str, stage: int) -> Memory:
     """The planner's estimate for pipeline `stage` of the run `cfg` on `layout`."""
     candidate = Candidate(layout.tp, layout.pp, layout.dp, zero_stage=cfg.parallel.zero_stage,
@@ -151,7 +147,7 @@ def simulate(cfg: RunConfig, rank: int, measure_if_fits: bool = True) -> RankRep
     from foundry.pretrain.memory import engine_bytes
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its memory reports would bury ours
-    world = world_size(cfg)
+    world = cfg.launch.world_size
     if not 0 <= rank < world:
         raise ConfigError(f"--rank {rank} is outside the world of {world} ranks (launch.nodes x launch.procs_per_node): "
                           f"pass 0-{world - 1}")
@@ -292,6 +288,6 @@ def default_ranks(cfg: RunConfig) -> list[int]:
     """The first rank of the first, a middle and the last pipeline stage."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology  # the rank order topology.py uses
 
-    layout = Layout.from_config(cfg.parallel, cfg.model, world_size(cfg))
+    layout = Layout.from_config(cfg.parallel, cfg.model, cfg.launch.world_size)
     order = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     return [order.filter_match(pipe=stage, data=0, model=0)[0] for stage in sorted({0, layout.pp // 2, layout.pp - 1})]
