@@ -166,7 +166,8 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"wrote {out}: train with it and checkpoint.init_from={src}")
         return
     from foundry.data.stream import open_dataset
-    from foundry.pretrain.checkpoint import find_latest, full_weights, verify
+    from foundry.pretrain.checkpoint import find_latest, verify
+    from foundry.pretrain.reshard import full_weights
 
     model = load_model_config(str(src / "config.yaml"))
     if (src / "model.pt").is_file():  # written at the end with checkpoint.save_consolidated=true
@@ -175,8 +176,8 @@ def _convert(args: argparse.Namespace) -> None:
         tag = find_latest(src / "checkpoints")
         if tag is None:
             raise ConfigError(f"{src} has neither model.pt nor a complete checkpoint: point at a run directory")
-        verify(src / "checkpoints" / tag, {})
-        weights = full_weights(src / "checkpoints" / tag, model.vocab_size, model.tie_embeddings)
+        info = verify(src / "checkpoints" / tag, {})
+        weights = full_weights(src / "checkpoints" / tag, info, model.vocab_size, model.tie_embeddings)
     datasets = OmegaConf.load(src / "config.yaml").data.datasets
     tokenizer = open_dataset(datasets[0].path).tokenizer_file if datasets else None
     save_hf(weights, model, out, tokenizer)
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = _command(commands, "generate", _generate,
         help="text from a checkpoint: greedy or sampled, with a KV cache",
         description="Continue each --prompt with the checkpoint's model and tokenizer (one process, CPU or GPU). "
-        "Needs a checkpoint written under ZeRO 1 or 2 (the default), which keeps a layout-free copy.",
+        "Reads a checkpoint of any layout, ZeRO 1-3.",
     )
     gen.add_argument("checkpoint", metavar="CHECKPOINT | RUN_DIR")
     gen.add_argument("--prompt", action="append", required=True, help="text to continue (repeatable)")

@@ -1,19 +1,30 @@
-"""Checkpoints that never load half: save through the DeepSpeed engine, then mark complete.
+"""Checkpoints that never load half, written once per rank in the background.
 
-A checkpoint is the directory `checkpoints/step00000100/`: DeepSpeed's model and optimizer files
-(with the LR schedule inside), one RNG file per rank, the resolved config, and our client state
-(step, tokens, data position). The save is complete only when, after every rank has written,
-rank 0 writes `COMPLETE.json` listing every file with its size and then atomically replaces the
-pointer `checkpoints/latest_complete`. A crash or kill at any moment before that leaves the
-previous pointer, and thus the previous checkpoint, as the one that loads; a directory without
-its marker is never loaded. Before loading, every listed file is checked to exist with its
-recorded size, and the model and layout to match this run. The newest `keep` complete
-checkpoints are kept; older ones and abandoned partial ones are deleted after each save.
+A checkpoint is the directory `checkpoints/step00000100/` holding DeepSpeed's own files, each written
+once by the rank that owns its state (the ZeRO partition of the optimizer on every rank, the model and
+LR schedule on data-parallel rank 0 of each model-parallel rank, the pipeline's layers), one RNG file
+per rank, and the tokenizer. Nothing is gathered across ranks to save.
+
+A save has two halves. On the training thread, DeepSpeed's `save_checkpoint` hands every file's state
+to `HostCopies`, which copies its tensors to host memory (pinned, on a GPU) and returns: training
+stalls only for that copy. On a thread of its own, `BackgroundSave` then writes the files, fsyncs them
+and their directories, and records each file's size and CRC-32 as read back from disk. The ranks then
+compare notes over a process group of their own (gloo, so it never competes with training's), and only
+when every rank's files are durable does rank 0 write `COMPLETE.json` (every file with its size and
+checksum, the model and layout, what each rank's files hold) and then atomically replace the pointer
+`checkpoints/latest_complete`. A crash or kill at any moment before that leaves the previous pointer,
+and thus the previous checkpoint, as the one that loads; a directory without its marker is never loaded.
+
+Resuming verifies before it loads: the ranks share out the listed files, each reads its share back
+against the recorded checksums, and a checkpoint that fails is set aside (renamed `.rejected`, never
+deleted) with one line naming the file, and the next older complete one is tried. Only the newest
+`keep` complete checkpoints are kept.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections
+import copy
 import json
 import logging
 import os
@@ -21,20 +32,25 @@ import pickle
 import random
 import re
 import shutil
+import threading
+import time
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from foundry.parallel.tensor import VOCAB_PARAMS, Shard
 from foundry.pretrain.config import first_line
 
 log = logging.getLogger("foundry")
 
 POINTER = "latest_complete"
 MARKER = "COMPLETE.json"
+REJECTED = ".rejected"  # suffix of a checkpoint set aside because it failed verification
+FORMAT = 2  # COMPLETE.json with checksums and per-rank records; format 1 (sizes only) still loads unresharded
+TAG = re.compile(r"step\d{8}")
 
 
 class CheckpointError(ValueError):
@@ -61,11 +77,24 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no litter
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)  # the rename itself survives a power cut
+        os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checksum(path: Path) -> tuple[int, int]:
+    """(size, CRC-32) of the file as read back."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return size, crc
 
 
 def safe_load(path: Path | str, map_location: Any = "cpu") -> Any:
@@ -104,133 +133,327 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], identity: dict[str, Any],
-         keep: int, also: Any = None, notes: dict[str, Any] | None = None) -> None:
-    """Collective: every rank calls. `identity` (model config, layout) must match to load it exactly;
-    `also(tag_dir)`, if given, writes more files into the checkpoint on every rank before it is sealed;
-    rank 0's `notes` go into the marker, readable before any engine exists (`read_notes`).
+def install(engine: Any) -> HostCopies:
+    """Make `engine` save through `HostCopies` and load through `safe_load`, for the rest of its life."""
+    engine.checkpoint_engine = HostCopies()
+    # DeepSpeed copies its zero_to_fp32.py into each checkpoint, on rank 0, outside the checkpoint engine (a write
+    # that could fail on one rank mid-save); it reads data-parallel layouts only, `foundry convert export` any.
+    engine._copy_recovery_script = lambda path: None
+    return engine.checkpoint_engine
 
-    A write that fails on any rank (disk full, no permission) fails the save on every rank with SaveError,
-    after the partial directory is removed: the pointer still names the previous checkpoint."""
+
+class HostCopies:
+    """DeepSpeed's checkpoint engine for this project (its `CheckpointEngine` interface, whole): `save` copies the
+    state to host memory and keeps it with its path for `BackgroundSave` to write; `load` reads with `safe_load`.
+    DeepSpeed passes live tensors (ZeRO's fp32 partition and moments) that training goes on changing, so the copy
+    is what is written."""
+
+    name = "foundry.HostCopies"
+
+    def __init__(self):
+        self.staged: list[tuple[Path, Any]] = []
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # we copy every tensor ourselves: DeepSpeed need not clone some of them first
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.staged.append((Path(path), _to_host(state_dict, {})))
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError:
+            pass  # the write into it fails in the background and is reported with its reason
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location)
+
+    # The rest of the interface: no commit protocol of DeepSpeed's; BackgroundSave seals the checkpoint.
+    def create(self, info: Any) -> None: ...
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def set_commit_info(self, info: Any) -> None: ...
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def cleanup(self) -> None: ...
+
+    def take(self) -> list[tuple[Path, Any]]:
+        staged, self.staged = self.staged, []
+        return staged
+
+
+def _to_host(obj: Any, memo: dict) -> Any:
+    """`obj` with every tensor copied to host memory (compact: a view into a flat buffer copies only itself);
+    everything else deep-copied, since DeepSpeed hands over live objects too."""
+    if torch.is_tensor(obj):
+        t = obj.detach()
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device)  # one copy of a tensor named twice
+        if key not in memo:
+            if t.device.type == "cpu":
+                memo[key] = t.clone()
+            else:  # pinned, so the copy runs at full bus speed; `save` waits for it once, at the end
+                memo[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        items = [(k, _to_host(v, memo)) for k, v in obj.items()]
+        return type(obj)(items) if type(obj) in (dict, collections.OrderedDict) else dict(items)
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_to_host(v, memo) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], identity: dict[str, Any],
+         record: dict[str, Any], group: Any, keep: int, extra: dict[str, Callable[[Path], None]] | None = None,
+         notes: dict[str, Any] | None = None) -> BackgroundSave:
+    """Collective: every rank calls. Copies this rank's state to host memory and returns the `BackgroundSave` that
+    writes and seals it. `identity` (model config, layout) must match to load it exactly; `record` says what this
+    rank's files hold (for resharding); `extra` maps more file names to functions writing them (this rank's);
+    rank 0's `notes` go into the marker, readable before any engine exists (`read_notes`); `group` is the process
+    group the background thread agrees over."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    rank = dist.get_rank()
-    writes = _Writes(engine)
-    with writes.into_engine():
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
-    writes.attempt(rng_file, torch.save, _rng_state(), rng_file)
-    if also is not None:
-        writes.attempt(tag_dir, also, tag_dir)  # its collectives come before its writes: a failure cannot split them
-    writes.agree(tag_dir)  # every rank's files are written
-    if rank == 0:
-        # Not the marker itself: a run that started over may be saving into an old run's directory of this step.
-        files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-                 if p.is_file() and p.name != MARKER}
-        marker = json.dumps({"step": step, "identity": identity, "notes": notes or {}, "files": files}, indent=1)
-        writes.attempt(tag_dir / MARKER, write_atomic, tag_dir / MARKER, marker)
-        if not writes.errors:
-            writes.attempt(ckpt_dir / POINTER, write_atomic, ckpt_dir / POINTER, tag)
-    writes.agree(tag_dir)
-    if rank == 0:
-        _prune(ckpt_dir, keep, newest=tag)
-    log.info("checkpoint %s saved (%d kept)", tag_dir, keep)
+    started = time.monotonic()
+    if dist.get_rank() == 0:
+        # A run that started over may be saving into an old run's directory of this step: its marker must not
+        # vouch for the files now being replaced. DeepSpeed's save begins with a barrier, so no rank writes before.
+        (tag_dir / MARKER).unlink(missing_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    writes = [(path, lambda p, state=state: torch.save(state, p)) for path, state in engine.checkpoint_engine.take()]
+    writes.append((tag_dir / f"rng_rank{dist.get_rank():05d}.pt", lambda p, state=_rng_state(): torch.save(state, p)))
+    writes += [(tag_dir / name, write) for name, write in (extra or {}).items()]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the pinned copies are done before the thread reads them
+    pending = BackgroundSave(tag_dir, step, writes, identity, record, notes or {}, group, keep, started)
+    log.info("checkpoint %s: state copied to host memory in %.2f s; writing in the background", tag,
+             time.monotonic() - started)
+    return pending
 
 
-class _Writes:
-    """A save's file writes on this rank, with the errors they raised kept rather than thrown: DeepSpeed's
-    save runs collectives between its writes, and a rank that raised out of it would leave the others
-    waiting in them until the collective timeout. The ranks compare notes at `agree`."""
+class BackgroundSave:
+    """One save's writes on this rank, done on a thread: write, fsync, checksum, then (a collective over `group`)
+    agree with every rank that all files are durable; rank 0 then writes the marker and the pointer. A write that
+    fails on any rank (disk full, no permission) fails the save on every rank: the partial directory is removed and
+    `wait` raises SaveError; the pointer still names the previous checkpoint."""
 
-    def __init__(self, engine: Any):
-        self.engine, self.errors = engine, []
+    def __init__(self, tag_dir: Path, step: int, writes: list[tuple[Path, Callable[[Path], None]]],
+                 identity: dict[str, Any], record: dict[str, Any], notes: dict[str, Any], group: Any, keep: int,
+                 started: float):
+        self.tag_dir, self.step, self.writes, self.identity, self.record = tag_dir, step, writes, identity, record
+        self.notes, self.group, self.keep = notes, group, keep
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.error: SaveError | None = None
+        self.started = started  # when the save began, host copy included
+        self.thread = threading.Thread(target=self._run, name=f"foundry-save-{tag_dir.name}", daemon=True)
+        self.thread.start()
 
-    def attempt(self, path: Path | str, write: Any, *args: Any, **kwargs: Any) -> None:
-        """`write(*args, **kwargs)`, which writes `path`."""
+    def wait(self) -> None:
+        """Block until this save is sealed (or failed: SaveError)."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
         try:
-            write(*args, **kwargs)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-            where = Path(path) if Path(path).is_dir() else Path(path).parent
-            free = shutil.disk_usage(where).free if where.exists() else 0
-            self.errors.append(f"writing {path}: {type(e).__name__}: {first_line(e)} ({free / 2**20:.1f} MiB free "
-                               f"there)")
-
-    @contextlib.contextmanager
-    def into_engine(self):
-        """Route DeepSpeed's writes (its checkpoint engine, and the recovery script it copies) through `attempt`."""
-        engine, writer = self.engine, self.engine.checkpoint_engine
-        attempt = self.attempt
-
-        class Recorded:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(writer, name)
-
-            def save(self, state_dict: Any, path: str) -> None:
-                attempt(path, writer.save, state_dict, path)
-
-            def makedirs(self, path: str, exist_ok: bool = False) -> None:
-                attempt(path, writer.makedirs, path, exist_ok=exist_ok)
-
-        copy_script = engine._copy_recovery_script
-        engine.checkpoint_engine = Recorded()
-        engine._copy_recovery_script = lambda path: attempt(path, copy_script, path)
-        try:
-            yield
+            files, problem = self._write()
+            self._seal(files, problem)
+        except Exception as e:  # noqa: BLE001 - a lost peer (the collective fails): the job is ending anyway
+            self.error = SaveError(f"checkpoint {self.tag_dir.name} was not saved: {type(e).__name__}: "
+                                   f"{first_line(e)}")
         finally:
-            engine.checkpoint_engine = writer
-            del engine._copy_recovery_script
+            self.writes = []  # frees the host copies
 
-    def agree(self, tag_dir: Path) -> None:
-        """Collective: raise SaveError on every rank if a write failed on any, after removing `tag_dir`."""
-        failed = torch.tensor(float(bool(self.errors)))
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if not failed:
+    def _write(self) -> tuple[dict[str, list[int]], str | None]:
+        """Write this rank's files durably; their [size, crc32] by path in the checkpoint, or the first problem."""
+        files: dict[str, list[int]] = {}
+        for path, write in self.writes:
+            try:
+                write(path)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                files[str(path.relative_to(self.tag_dir))] = list(checksum(path))
+            except Exception as e:  # noqa: BLE001 - any failure must reach _seal, or the other ranks wait there for ever
+                where = path.parent if path.parent.exists() else self.tag_dir.parent
+                free = shutil.disk_usage(where).free if where.exists() else 0
+                return files, f"writing {path}: {type(e).__name__}: {first_line(e)} ({free / 2**20:.1f} MiB free there)"
+        try:
+            for d in {path.parent for path, _ in self.writes} | {self.tag_dir.parent}:
+                fsync_dir(d)  # the files' names survive a power cut too
+        except OSError as e:
+            return files, f"syncing {self.tag_dir}: {first_line(e)}"
+        return files, None
+
+    def _seal(self, files: dict[str, list[int]], problem: str | None) -> None:
+        """Collective over `group`: every rank's files are durable, then rank 0 writes marker and pointer."""
+        mine = {"problem": problem, **self.record, "files": sorted(files), "sizes": files}
+        ranks: list[dict[str, Any] | None] = [None] * self.world
+        dist.all_gather_object(ranks, mine, group=self.group)
+        problems = [(r, rec["problem"]) for r, rec in enumerate(ranks) if rec["problem"]]
+        if not problems and self.rank == 0:
+            problems = self._mark(ranks)
+        verdict = [problems]
+        dist.broadcast_object_list(verdict, src=0, group=self.group)  # rank 0's marker or pointer may have failed
+        if verdict[0]:
+            if self.rank == 0:
+                shutil.rmtree(self.tag_dir, ignore_errors=True)  # frees what it took: the disk may be the full one
+            rank, first = verdict[0][0]
+            previous = find_latest(self.tag_dir.parent)
+            self.error = SaveError(f"checkpoint {self.tag_dir.name} was not saved: rank {rank}: {first}; "
+                                   f"{'the previous checkpoint ' + previous if previous else 'no earlier checkpoint'}"
+                                   f" is still the one a resume loads; free space or fix permissions in "
+                                   f"{self.tag_dir.parent}, or set checkpoint.continue_on_save_error=true to train "
+                                   f"on without saving")
             return
-        messages: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, self.errors[0] if self.errors else None)
-        if dist.get_rank() == 0:
-            shutil.rmtree(tag_dir, ignore_errors=True)  # frees what it took: the disk may be the one that is full
-        rank, first = next((r, m) for r, m in enumerate(messages) if m)
-        previous = find_latest(tag_dir.parent)
-        raise SaveError(f"checkpoint {tag_dir.name} was not saved: rank {rank}: {first}; "
-                        f"{'the previous checkpoint ' + previous if previous else 'no earlier checkpoint'} is still "
-                        f"the one a resume loads; free space or fix permissions in {tag_dir.parent}, or set "
-                        f"checkpoint.continue_on_save_error=true to train on without saving")
+        if self.rank == 0:  # sealed: nothing below may fail the save on one rank only
+            total = sum(size for rec in ranks for size, _ in rec["sizes"].values())
+            log.info("checkpoint %s saved: %d files, %.1f MiB, durable %.1f s after the save began (%d kept)",
+                     self.tag_dir, sum(len(rec["files"]) for rec in ranks), total / 2**20,
+                     time.monotonic() - self.started, self.keep)
+            _prune(self.tag_dir.parent, self.keep, newest=self.tag_dir.name)
+
+    def _mark(self, ranks: list[dict[str, Any]]) -> list[tuple[int, str]]:
+        """Rank 0: the marker (every rank's files, sizes, checksums and records), then the pointer."""
+        files = {name: sizes for rec in ranks for name, sizes in rec["sizes"].items()}
+        records = [{k: v for k, v in rec.items() if k not in ("problem", "sizes")} for rec in ranks]
+        marker = {"format": FORMAT, "step": self.step, "identity": self.identity, "notes": self.notes,
+                  "files": files, "ranks": records}
+        try:
+            write_atomic(self.tag_dir / MARKER, json.dumps(marker, indent=1))
+            write_atomic(self.tag_dir.parent / POINTER, self.tag_dir.name)
+        except OSError as e:
+            return [(0, f"writing {self.tag_dir / MARKER}: {first_line(e)}")]
+        return []
 
 
 def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = [t for t in tags if (ckpt_dir / t / MARKER).is_file()]
+    """Delete all but the newest `keep` complete checkpoints, and partial ones older than `newest` (abandoned).
+    Set-aside (`.rejected`) directories are left for a person to look at."""
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG.fullmatch(p.name))
+    # Newer complete ones never load (a resume stops at the pointer): counting them could delete the one that does.
+    complete = [t for t in tags if t <= newest and (ckpt_dir / t / MARKER).is_file()]
     keep_tags = set(complete[-keep:]) | {newest}
     for t in tags:
         if t not in keep_tags and t < newest:  # partial saves newer than the pointer may be in flight elsewhere
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
-def verify(tag_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """The marker of a complete checkpoint that this run can load; CheckpointError otherwise."""
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint; CheckpointError when its save did not finish."""
     marker = tag_dir / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{tag_dir} has no {MARKER}: its save did not finish; it cannot be loaded "
                               f"(resume from an older checkpoint or start fresh)")
-    info = json.loads(marker.read_text())
-    for name, size in info["files"].items():
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{marker} cannot be read ({first_line(e)}): resume from another checkpoint") from None
+
+
+DAMAGED = ": the checkpoint is damaged; restore the file or resume from another checkpoint"
+
+
+def damage(tag_dir: Path, info: dict[str, Any], share: tuple[int, int] = (0, 1)) -> str | None:
+    """What is wrong with the files the marker `info` lists (see DAMAGED for the fix), None when nothing: each must be
+    there with its recorded size and checksum. `share` (i, n): only every n-th file from the i-th, so that n ranks check one together."""
+    for name in sorted(info["files"])[share[0]::share[1]]:
+        recorded = info["files"][name]
+        size, crc = (recorded, None) if isinstance(recorded, int) else recorded  # format 1 recorded sizes only
         path = tag_dir / name
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {tag_dir} is missing {name}: restore it or resume from another")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {tag_dir}: {name} has {path.stat().st_size} bytes, {size} were "
-                                  f"written: the file is damaged; restore it or resume from another")
+            return f"checkpoint {tag_dir} is missing {name}"
+        try:
+            found = checksum(path) if crc is not None else (path.stat().st_size, None)
+        except OSError as e:
+            return f"checkpoint {tag_dir}: {name} cannot be read ({first_line(e)})"
+        if found[0] != size:
+            return f"checkpoint {tag_dir}: {name} has {found[0]} bytes, {size} were written"
+        if found[1] != crc:
+            return f"checkpoint {tag_dir}: {name} fails its checksum (CRC-32 {found[1]:08x}, {crc:08x} was written)"
+    return None
+
+
+def check_identity(tag_dir: Path, info: dict[str, Any], identity: dict[str, Any]) -> None:
     for key, expected in identity.items():
         if info["identity"].get(key) != expected:
             raise CheckpointError(f"checkpoint {tag_dir} was written for {key}={info['identity'].get(key)}, "
                                   f"this run has {key}={expected}: use the same {key} to resume it")
+
+
+def verify(tag_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Offline, one process: the marker of a complete, undamaged checkpoint written for `identity`; CheckpointError
+    otherwise, naming the missing piece."""
+    info = read_marker(tag_dir)
+    problem = damage(tag_dir, info)
+    if problem:
+        raise CheckpointError(problem + DAMAGED)
+    check_identity(tag_dir, info, identity)
     return info
+
+
+def verify_together(tag_dir: Path, group: Any) -> dict[str, Any]:
+    """Collective over `group`: `verify` with the reading shared out among its ranks."""
+    info = read_marker(tag_dir)
+    problems: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(problems, damage(tag_dir, info, (dist.get_rank(group), len(problems))), group=group)
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(problem + DAMAGED)
+    return info
+
+
+def choose(ckpt_dir: Path, group: Any) -> str | None:
+    """Collective over `group`: the newest complete checkpoint whose files are all whole (the ranks share the
+    reading), None when no save has completed. One that fails is set aside with one line naming what is wrong, and
+    the next older one tried; when none passes, CheckpointError."""
+    for tag in complete_tags(ckpt_dir):
+        try:
+            verify_together(ckpt_dir / tag, group)
+        except CheckpointError as e:
+            if dist.get_rank() == 0:
+                aside = _set_aside(ckpt_dir / tag)
+                log.error("%s; set aside as %s, falling back to the checkpoint before it", str(e).removesuffix(DAMAGED),
+                          aside.name)
+            dist.barrier(group=group)  # renamed before any rank looks for the next one
+            continue
+        if dist.get_rank() == 0 and find_latest(ckpt_dir) != tag:
+            write_atomic(ckpt_dir / POINTER, tag)  # the pointer names a checkpoint that loads
+        return tag
+    if find_latest(ckpt_dir) is None:
+        return None
+    raise CheckpointError(f"no checkpoint in {ckpt_dir} passes verification (the damaged ones are set aside as "
+                          f"*{REJECTED}): restore one, or start afresh with checkpoint.resume=false")
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The complete checkpoints a resume may load, newest first: those with a marker, up to the pointer's (newer ones
+    belong to a save that never reached the pointer, or to another run that used this directory)."""
+    latest = find_latest(ckpt_dir)
+    if latest is None:
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir()
+                   if TAG.fullmatch(p.name) and p.name <= latest and (p / MARKER).is_file()), reverse=True)
+
+
+def _set_aside(tag_dir: Path) -> Path:
+    aside = tag_dir.with_name(tag_dir.name + REJECTED)
+    if aside.exists():
+        aside = tag_dir.with_name(f"{tag_dir.name}{REJECTED}-{int(time.time())}")
+    tag_dir.rename(aside)
+    return aside
 
 
 def read_notes(tag_dir: Path) -> dict[str, Any]:
     """The `notes` a complete checkpoint was saved with (e.g. the MLflow run it continues)."""
-    return json.loads((tag_dir / MARKER).read_text()).get("notes", {})
+    return read_marker(tag_dir).get("notes", {})
 
 
 def find_latest(ckpt_dir: Path) -> str | None:
@@ -241,136 +464,29 @@ def find_latest(ckpt_dir: Path) -> str | None:
     return pointer.read_text().strip() or None
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, identity: dict[str, Any], reshard: Any = None) -> dict[str, Any]:
-    """Collective: restore model, optimizer, schedule and this rank's RNG; return the client state.
-    A checkpoint of the same model written under another layout goes through `reshard(tag_dir)`."""
-    info = verify(ckpt_dir / tag, {"model": identity["model"]})
+def load(engine: Any, tag_dir: Path, info: dict[str, Any], identity: dict[str, Any],
+         reshard: Callable[[Path, dict[str, Any]], None]) -> dict[str, Any]:
+    """Collective: restore model, optimizer, schedule and this rank's RNG from the verified checkpoint `tag_dir`
+    (marker `info`); return the client state. A checkpoint of the same model written under another layout or ZeRO
+    stage goes through `reshard(tag_dir, info)`, which reads the per-rank files it needs and re-cuts them."""
+    check_identity(tag_dir, info, {"model": identity["model"]})
     if info["identity"] != identity:
-        if reshard is None or {identity["zero_stage"], info["identity"]["zero_stage"]} - {1, 2}:
-            verify(ckpt_dir / tag, identity)  # raises, naming what differs
-            raise CheckpointError(f"cannot reshard {ckpt_dir / tag}: only between ZeRO stages 1 and 2")
-        log.info("resharding %s: written under %s, loading under %s", ckpt_dir / tag,
-                 info["identity"]["layout"], identity["layout"])
-        reshard(ckpt_dir / tag)
-        return {k: v for k, v in safe_load(ckpt_dir / tag / "mp_rank_00_model_states.pt").items()
+        if "ranks" not in info:
+            check_identity(tag_dir, info, identity)  # raises, naming what differs
+        log.info("resharding %s: written under %s ZeRO-%s, loading under %s ZeRO-%s", tag_dir,
+                 info["identity"]["layout"], info["identity"]["zero_stage"], identity["layout"], identity["zero_stage"])
+        reshard(tag_dir, info)
+        states = next(f for f in info["ranks"][0]["files"] if MODEL_STATES.fullmatch(f))
+        return {k: v for k, v in safe_load(tag_dir / states).items()
                 if k in ("step", "tokens", "data", "config", "guard")}
-    reader = engine.checkpoint_engine
-
-    class SafeReads:  # DeepSpeed's reader, loading with safe_load
-        def __getattr__(self, name: str) -> Any:
-            return getattr(reader, name)
-
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return safe_load(path, map_location)
-
-    engine.checkpoint_engine = SafeReads()
-    try:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    finally:
-        engine.checkpoint_engine = reader
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}: see the log above")
-    rng = ckpt_dir / tag / f"rng_rank{dist.get_rank():05d}.pt"
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}: see the log above")
+    rng = tag_dir / f"rng_rank{dist.get_rank():05d}.pt"
     if rng.is_file():  # written under the same layout, so the same ranks exist
         _set_rng_state(safe_load(rng))
     return client_state
 
 
-# Resharding. Besides DeepSpeed's files (exact, but only for the layout that wrote them), each
-# checkpoint holds a layout-free copy of the training state: for every parameter, under its plain
-# model name, the fp32 weight and the AdamW moments, gathered over data parallelism and split as
-# tensor parallelism splits it (one file per tensor x pipeline rank, written by data-parallel rank 0).
-# Another layout reads the shards it needs, joins them, and cuts its own. ZeRO 1 and 2 only.
-
-UNIVERSAL = "universal"
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def save_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: int, pp_rank: int, dp_rank: int,
-                   scheduler: dict[str, Any]) -> None:
-    """Collective over data parallelism (the gathers); every rank calls after its DeepSpeed save."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    # DeepSpeed 0.19 links optimizer-state views right after the first param group's first step, so a
-    # second group (our undecayed norms) stays unlinked: link again now that every group has state.
-    engine.optimizer._hp_optimizer_states_linked = False
-    engine.optimizer._lazy_init_hp_params_optimizer_state()
-    shard = {}
-    for p in engine.module.parameters():
-        state = {"fp32": safe_get_full_fp32_param(p)}
-        state.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
-        if any(v is None for v in state.values()):
-            raise CheckpointError("layout-free state needs ZeRO stage 1 or 2 and one optimizer step")
-        shard[names[id(p)]] = {k: v.detach().cpu() for k, v in state.items()} | {
-            "dim": getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None}
-    if dp_rank == 0:
-        (tag_dir / UNIVERSAL).mkdir(exist_ok=True)
-        torch.save({"params": shard, "scheduler": scheduler},
-                   tag_dir / UNIVERSAL / f"tp{tp_rank:02d}_pp{pp_rank:02d}.pt")
-
-
-def load_universal(engine: Any, tag_dir: Path, names: dict[int, str], tp_rank: int, tp: int, step: int,
-                   vocab_size: int) -> None:
-    """Set weights, moments, step and schedule of `engine` (any layout, ZeRO 1/2) from a checkpoint's
-    layout-free copy. Collective-free: each rank reads files."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    by_name, scheduler = _read_universal(tag_dir)
-    zero = engine.optimizer
-    # DeepSpeed creates AdamW's state at the first step; create it now so it can be set. The fp32 partitions
-    # AdamW steps: ZeRO-1/2's optimizer names them one way, BF16_Optimizer (bf16 under ZeRO-1) another.
-    partitions = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_groups_flat_partition
-    for group in partitions:
-        zero.optimizer.state[group] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(group),
-                                       "exp_avg_sq": torch.zeros_like(group)}
-    zero._lazy_init_hp_params_optimizer_state()
-    for p in engine.module.parameters():
-        name = names[id(p)]
-        cut_dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) and tp > 1 else None
-        vocab_rows = name.endswith(VOCAB_PARAMS)
-        for key in ("fp32", *MOMENTS):
-            full = _joined(by_name[name], key, vocab_size if vocab_rows else None)
-            if cut_dim is not None:  # this rank's part, as tensor parallelism cut it (padded vocabulary included)
-                full = Shard(tuple(full.shape), cut_dim, tp_rank, tp).cut(full)
-            local = full.to(p.device)
-            if key == "fp32":
-                safe_set_full_fp32_param(p, local)
-                p.data.copy_(local.to(p.dtype))
-            else:
-                safe_set_full_optimizer_state(p, local, key)
-    engine.lr_scheduler.load_state_dict(scheduler)
-    engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)  # loading sets the counter, this the lr
-
-
-def _read_universal(tag_dir: Path) -> tuple[dict[str, list[tuple[int, dict]]], dict]:
-    """Each parameter's saved shards as (tensor-parallel rank, state), and the LR schedule."""
-    files = sorted((tag_dir / UNIVERSAL).glob("tp*_pp*.pt"))
-    if not files:
-        raise CheckpointError(f"{tag_dir} has no {UNIVERSAL}/ copy (written under ZeRO 1 or 2 only): it can be "
-                              f"resumed only under the layout that wrote it")
-    by_name: dict[str, list[tuple[int, dict]]] = {}
-    scheduler: dict = {}
-    for f in files:
-        saved = safe_load(f)
-        scheduler = saved["scheduler"]
-        for name, state in saved["params"].items():
-            by_name.setdefault(name, []).append((int(f.name[2:4]), state))
-    return by_name, scheduler
-
-
-def _joined(shards: list[tuple[int, dict]], key: str, vocab_size: int | None) -> torch.Tensor:
-    """The whole tensor from its tensor-parallel shards, without vocabulary padding."""
-    ordered = [state for _, state in sorted({rank: state for rank, state in shards}.items())]
-    dim = ordered[0]["dim"]  # how the writing layout split it
-    full = ordered[0][key] if dim is None else torch.cat([st[key] for st in ordered], dim=dim)
-    return full[:vocab_size] if vocab_size is not None else full
-
-
-def full_weights(tag_dir: Path, vocab_size: int, tie_embeddings: bool) -> dict[str, torch.Tensor]:
-    """The plain model's fp32 state dict from a checkpoint's layout-free copy, offline (no processes)."""
-    by_name, _ = _read_universal(tag_dir)
-    weights = {name: _joined(shards, "fp32", vocab_size if name.endswith(VOCAB_PARAMS) else None)
-               for name, shards in by_name.items()}
-    if tie_embeddings:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    return weights
+# The file in which DeepSpeed keeps the model-parallel rank's client state and LR schedule (ZeRO-3 names it per rank).
+MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")

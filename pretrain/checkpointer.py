@@ -1,10 +1,11 @@
 """The run's checkpoints: saved every `checkpoint.interval` steps and at the end, and resumed from.
 
-A save holds the engine's state (model, optimizer, LR schedule, RNG: pretrain/checkpoint.py), the
-layout-free copy that lets another layout resume it (ZeRO 1 and 2), the tokenizer (so that
-`foundry generate` needs nothing else), and in its client state the step, the tokens seen, the
-resolved config and the `state_dict()` of every component registered with the checkpointer (the
-data position, the bad-step guard). A resume hands each component its state back through
+A save holds the engine's state as each rank's DeepSpeed files (model, optimizer partition, LR
+schedule, RNG: pretrain/checkpoint.py, written in the background), a record of what each rank's
+files hold (so another layout can resume it: pretrain/reshard.py), the tokenizer (so that `foundry
+generate` needs nothing else), and in its client state the step, the tokens seen, the resolved
+config and the `state_dict()` of every component registered with the checkpointer (the data
+position, the bad-step guard). A resume hands each component its state back through
 `load_state_dict`: a new stateful component is one more entry in `components`.
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,7 +24,7 @@ import torch.distributed as dist
 
 from foundry.data.tokenizer import TOKENIZER_FILE
 from foundry.parallel.consolidate import full_state_dict
-from foundry.pretrain import checkpoint
+from foundry.pretrain import checkpoint, reshard
 from foundry.pretrain.config import to_yaml
 
 if TYPE_CHECKING:
@@ -50,8 +52,12 @@ class Checkpointer:
         self.run, self.cfg, self.model, self.components = run, checkpoint_cfg, model, components or {}
         self.dir = run.run_dir / "checkpoints"
         self.config_yaml = to_yaml(run.cfg)  # recorded whole in each save, as config.yaml records it
-        # Checkpoints carry a layout-free copy under ZeRO 1 and 2, so other layouts can resume them.
-        self.universal = zero_stage in (1, 2)
+        checkpoint.install(run.engine)
+        # The background writes agree over a group of their own: gloo (host memory), never training's collectives.
+        # A rank may wait there for a slower peer's write as long as a save may take (the watchdog's limit).
+        limit = checkpoint_cfg.timeout_seconds or 7 * 86400
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=limit))
+        self.pending: checkpoint.BackgroundSave | None = None
         # What a checkpoint must match to be loaded exactly (as it reads back from JSON).
         self.identity = json.loads(json.dumps({"model": dataclasses.asdict(model),
                                                "layout": dataclasses.asdict(run.layout),
@@ -61,21 +67,23 @@ class Checkpointer:
     def resume(self) -> int:
         """Load the newest complete checkpoint (with checkpoint.resume=true, when there is one) into the engine
         and the components; returns its step, 0 when the run starts fresh."""
-        tag = checkpoint.find_latest(self.dir) if self.cfg.resume else None
+        tag = checkpoint.choose(self.dir, self.group) if self.cfg.resume else None  # the newest that verifies
         if tag is None:
             return 0
         self.resumed_from = self.dir / tag
-        client_state = self.load(self.resumed_from)
+        client_state = self._load(self.resumed_from, checkpoint.read_marker(self.resumed_from))
         for key, component in self.components.items():
             if client_state.get(key) is not None:  # checkpoints from before a component existed lack its key
                 component.load_state_dict(client_state[key])
         return client_state["step"]
 
     def load(self, tag_dir: Path) -> dict[str, Any]:
-        """Load a complete checkpoint into the engine (another layout's through its layout-free copy); returns
-        its client state."""
-        client_state = checkpoint.load(self.run.engine, tag_dir.parent, tag_dir.name, self.identity,
-                                       self._reshard if self.universal else None)
+        """Verify a complete checkpoint (the ranks share the reading) and load it into the engine, whatever layout
+        wrote it; returns its client state."""
+        return self._load(tag_dir, checkpoint.verify_together(tag_dir, self.group))
+
+    def _load(self, tag_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+        client_state = checkpoint.load(self.run.engine, tag_dir, info, self.identity, self._reshard)
         log.info("resumed from %s at step %d (%.1fM tokens seen)", tag_dir, client_state["step"],
                  client_state["tokens"] / 1e6)
         return client_state
@@ -84,15 +92,32 @@ class Checkpointer:
         return last or bool(self.cfg.interval) and step % self.cfg.interval == 0
 
     def save(self, step: int, notes: dict[str, Any]) -> None:
-        """Every rank calls; rank 0's `notes` go into the checkpoint's marker, for a resume to read (e.g. the MLflow
-        run it continues). A failed save raises SaveError on every rank unless checkpoint.continue_on_save_error
-        says to train on."""
+        """Every rank calls; returns once the state is copied to host memory, while a thread writes it. Rank 0's
+        `notes` go into the checkpoint's marker, for a resume to read (e.g. the MLflow run it continues). The save
+        before it is waited for first: a failed one raises SaveError on every rank here (or in `wait`) unless
+        checkpoint.continue_on_save_error says to train on."""
+        self.wait()
         client_state = {"step": step, "tokens": step * self.run.tokens_per_step,
                         **{key: component.state_dict() for key, component in self.components.items()},
                         "config": self.config_yaml}
+        run = self.run
+        record = {"rank": dist.get_rank(), "tp": run.topology.tp_rank, "pp": run.topology.pp_rank,
+                  "dp": run.topology.dp_rank, **reshard.describe_rank(run.engine, run.plain_names)}
+        extra = {}
+        if dist.get_rank() == 0:
+            tokenizer = run.datasets[0].tokenizer_file
+            extra[TOKENIZER_FILE] = lambda path: shutil.copyfile(tokenizer, path)
+        self.pending = checkpoint.save(run.engine, self.dir, step, client_state, self.identity, record, self.group,
+                                       self.cfg.keep, extra, notes=notes or None)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable and marked complete; a failed one raises SaveError on
+        every rank unless checkpoint.continue_on_save_error says to train on."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
         try:
-            checkpoint.save(self.run.engine, self.dir, step, client_state, self.identity, self.cfg.keep,
-                            also=self._also, notes=notes or None)
+            pending.wait()
         except checkpoint.SaveError as e:
             if not self.cfg.continue_on_save_error:
                 raise
@@ -107,16 +132,7 @@ class Checkpointer:
             torch.save(full, path)
             log.info("wrote the unsharded fp32 model to %s", path)
 
-    def _also(self, tag_dir: Path) -> None:
-        """What a checkpoint holds besides DeepSpeed's files: the layout-free copy, and the tokenizer."""
+    def _reshard(self, tag_dir: Path, info: dict[str, Any]) -> None:
         run = self.run
-        if self.universal:
-            checkpoint.save_universal(run.engine, tag_dir, run.plain_names, run.topology.tp_rank, run.topology.pp_rank,
-                                      run.topology.dp_rank, run.engine.lr_scheduler.state_dict())
-        if dist.get_rank() == 0:
-            shutil.copyfile(run.datasets[0].tokenizer_file, tag_dir / TOKENIZER_FILE)
-
-    def _reshard(self, tag_dir: Path) -> None:
-        run = self.run
-        checkpoint.load_universal(run.engine, tag_dir, run.plain_names, run.topology.tp_rank, run.layout.tp,
-                                  int(tag_dir.name.removeprefix("step")), self.model.vocab_size)
+        reshard.load_resharded(run.engine, tag_dir, info, run.plain_names, run.topology.tp_rank, run.layout.tp,
+                               self.model.vocab_size)

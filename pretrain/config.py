@@ -210,6 +210,8 @@ class EvalConfig(Section):
     interval: int = _help(0, "evaluate every this many steps and at the end (0: only at the end)", must_be=NOT_NEGATIVE)
     tokens: int = _help(16384, "tokens scored per set: its first ones, in windows of data.seq_len; a multiple of it",
                         must_be=POSITIVE)
+    timeout_seconds: float = _help(1800.0, "hang watchdog: an evaluation that runs this long on a rank ends the job "
+                                           "as a hung step does (0: no limit)", must_be=NOT_NEGATIVE)
 
 
 @dataclass
@@ -232,8 +234,10 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32"] = _help("auto", "auto: bf16 on GPU, fp32 on CPU")
     run_dir: str = _help("runs/default", "where the resolved config, metrics and checkpoints go")
     step_timeout_seconds: float = _help(
-        900.0, "hang watchdog: a rank that finishes no step for this long logs every rank's last step and its "
-        "stacks and exits, so the job ends (0: off; the clock starts after the first step)", must_be=NOT_NEGATIVE
+        900.0, "hang watchdog: a rank that finishes no training step for this long logs every rank's last step and "
+        "its stacks and exits, so the job ends; one step only: saves and evaluations have their own limits "
+        "(checkpoint.timeout_seconds, eval.timeout_seconds). 0: the watchdog is off, for those too; the clock starts "
+        "after the first step", must_be=NOT_NEGATIVE
     )
     collective_timeout_seconds: float = _help(1800.0, "a collective that waits this long on its peers fails",
                                               must_be=POSITIVE)
@@ -285,6 +289,11 @@ class CheckpointConfig(Section):
     continue_on_save_error: bool = _help(
         False, "when a save fails (disk full, no permission), log it and train on instead of stopping; the previous "
         "checkpoint stays the one a resume loads"
+    )
+    timeout_seconds: float = _help(
+        3600.0, "hang watchdog: a rank that waits this long on a save (its copy to host memory, or its background "
+        "write when the next save or the end of the run waits for it) ends the job as a hung step does; the previous "
+        "checkpoint stays the one a resume loads (0: no limit)", must_be=NOT_NEGATIVE
     )
 
 

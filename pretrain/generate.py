@@ -12,7 +12,8 @@ import torch
 from tokenizers import Tokenizer
 
 from foundry.data import tokenizer as tk
-from foundry.pretrain.checkpoint import CheckpointError, full_weights, verify
+from foundry.pretrain.checkpoint import CheckpointError, verify
+from foundry.pretrain.reshard import full_weights
 from foundry.pretrain.config import ModelConfig, RopeScalingConfig
 from foundry.pretrain.model import KVCache, Llama
 
@@ -54,7 +55,7 @@ def generate(model: Llama, prompt: list[int], max_new_tokens: int, temperature: 
 
 
 def load_for_generation(tag_dir: Path, device: torch.device) -> tuple[Llama, Tokenizer]:
-    """The model and tokenizer of a complete checkpoint (written under ZeRO 1 or 2, which keep a layout-free copy)."""
+    """The model and tokenizer of a complete checkpoint, whatever layout wrote it (ZeRO 1-3)."""
     info = verify(tag_dir, {})
     saved = info["identity"]["model"]
     scaling = saved.get("rope_scaling")
@@ -63,6 +64,6 @@ def load_for_generation(tag_dir: Path, device: torch.device) -> tuple[Llama, Tok
         raise CheckpointError(f"{tag_dir} has no {tk.TOKENIZER_FILE}: it was written before checkpoints carried their "
                               f"tokenizer; copy the run's tokenizer.json into it")
     model = Llama(cfg)
-    model.load_state_dict(full_weights(tag_dir, cfg.vocab_size, cfg.tie_embeddings))
+    model.load_state_dict(full_weights(tag_dir, info, cfg.vocab_size, cfg.tie_embeddings))
     return model.to(device).eval(), tk.load(str(tag_dir / tk.TOKENIZER_FILE))
 

@@ -13,6 +13,7 @@ logged step (`metrics.jsonl`) into `train.run_dir`; checkpoints go to `run_dir/c
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from foundry.pretrain.batches import Batches
 from foundry.pretrain.build import Run, finish, start
-from foundry.pretrain.checkpoint import SaveError
+from foundry.pretrain.checkpoint import SaveError, tag_for
 from foundry.pretrain.checkpointer import Checkpointer
 from foundry.pretrain.config import RunConfig
 from foundry.pretrain.evaluate import Evaluator, report
@@ -46,24 +47,37 @@ def train(cfg: RunConfig) -> None:
     watchdog = Watchdog.for_rank(cfg.train.step_timeout_seconds, run.run_dir)
     step = start_step  # the last step done, as the ways out below report it
     stopped_by = None
+
+    def saving(verb: str, step: int) -> AbstractContextManager[None]:
+        """A save, which the watchdog times on its own limit rather than as a step."""
+        return watchdog.busy(f"{verb} checkpoint {tag_for(step)}", cfg.checkpoint.timeout_seconds,
+                             "checkpoint.timeout_seconds")
+
     try:
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             loss = train_step(run, batches, guard)
             try:
                 guard.record(step, loss.item(), run.engine.was_step_applied(), batches.describe(step))
             except TooManyBadSteps:
-                checkpointer.save(step, reporter.notes())  # the last good weights; the data past the bad batches
+                with saving("saving", step):
+                    checkpointer.save(step, reporter.notes())  # the last good weights; the data past the bad batches
+                    checkpointer.wait()
                 raise
             stopped_by = stop.agreed(run.device)
             last = step == cfg.train.max_steps or stopped_by is not None
             watchdog.beat(step)
             reporter.step(step, loss, guard.skipped, last)
             if evaluator.due(step, last):
-                reporter.evaluated(step, evaluator.run(run.engine, run.loss_fn))
+                with watchdog.busy(f"evaluation at step {step}", cfg.eval.timeout_seconds, "eval.timeout_seconds"):
+                    results = evaluator.run(run.engine, run.loss_fn)
+                reporter.evaluated(step, results)
             if checkpointer.due(step, last):
-                checkpointer.save(step, reporter.notes())  # the notes name the MLflow run a resume continues
+                with saving("saving", step):
+                    checkpointer.save(step, reporter.notes())  # the notes name the MLflow run a resume continues
             if stopped_by:
                 break
+        with saving("writing", step):
+            checkpointer.wait()  # the last save is on disk and marked complete
     except (TooManyBadSteps, SaveError) as e:  # a relaunch would meet them again
         reporter.failed(step, reason=str(e))
         raise

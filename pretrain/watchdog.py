@@ -10,12 +10,15 @@ rank's last step, writes every thread's Python stack to this rank's log (where a
 its own code shows where), and exits the process with code 3, so torchrun ends the job and
 `foundry launch` can relaunch it from the last checkpoint.
 The clock starts after the first step (start-up and compilation take as long as they take).
+A save or an evaluation is timed on its own limit instead (`busy`: checkpoint.timeout_seconds,
+eval.timeout_seconds; 0 there: no limit), and the step clock restarts when it ends.
 When a collective fails instead (gloo and NCCL notice a peer that died), `explain` names the culprits
 from the same records. With train.step_timeout_seconds=0 the watchdog is off and keeps no records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -23,8 +26,9 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.distributed as dist
 
@@ -34,14 +38,34 @@ log = logging.getLogger("foundry")
 
 EXIT_CODE = 3
 
+STEP_KEY = "train.step_timeout_seconds"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clock:
+    """What this rank is timed on: `what` (None: a training step) since `since` (time.monotonic()), for at most
+    `limit` seconds (0: no limit), which the config key `key` sets."""
+
+    what: str | None
+    limit: float
+    key: str
+    since: float
+
+    def overdue(self, now: float) -> bool:
+        return bool(self.limit) and now - self.since > self.limit
+
+    def describe(self, now: float) -> str:
+        late = f"{now - self.since:.0f} s ({self.key}={self.limit:g})"
+        return f"no step finished for {late}" if self.what is None else f"{self.what} has run for {late}"
+
 
 class Watchdog:
-    """This rank's heartbeat in the store, and the thread that ends a job whose steps stopped."""
+    """This rank's heartbeat in the store, and the thread that ends a job whose steps, saves or evaluations stopped."""
 
     def __init__(self, store: Any, rank: int, world_size: int, timeout: float, stack_path: Path):
         self.store, self.rank, self.world_size, self.timeout = store, rank, world_size, timeout
         self.step: int | None = None
-        self.last = time.monotonic()
+        self.clock: _Clock | None = None  # None until the first step; replaced whole, so the thread reads it whole
         self._done = threading.Event()
         if not timeout:
             return
@@ -62,8 +86,22 @@ class Watchdog:
         """Step `step` finished on this rank."""
         if not self.timeout:
             return
-        self.step, self.last = step, time.monotonic()
+        self.step, self.clock = step, _Clock(None, self.timeout, STEP_KEY, time.monotonic())
         self._set(f"foundry/heartbeat/{self.rank}", step)
+
+    @contextmanager
+    def busy(self, what: str, timeout: float, key: str) -> Iterator[None]:
+        """Time the block as `what` (e.g. "saving checkpoint step00000100"), for at most `timeout` seconds (0: no
+        limit), which the config key `key` sets, instead of as a step; the step clock restarts when it ends."""
+        if not self.timeout:
+            yield
+            return
+        outside = self.clock
+        self.clock = _Clock(what, timeout, key, time.monotonic())
+        try:
+            yield
+        finally:
+            self.clock = None if outside is None else dataclasses.replace(outside, since=time.monotonic())
 
     def explain(self, e: BaseException) -> None:
         """If `e` is a collective that failed (a peer died or went silent), say which ranks to blame."""
@@ -77,8 +115,9 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._done.wait(timeout=self.interval):
             self._set(f"foundry/alive/{self.rank}", time.time())
-            if self.step is not None and time.monotonic() - self.last > self.timeout:
-                self._fire()
+            clock = self.clock
+            if clock is not None and clock.overdue(time.monotonic()):
+                self._fire(clock)
 
     @property
     def interval(self) -> float:
@@ -99,10 +138,10 @@ class Watchdog:
         return (f"blame {blame}" if blamed else "no rank is silent or behind: compare the stacks in the rank logs") \
             + f"; last steps: {seen}"
 
-    def _fire(self) -> None:
-        log.error("watchdog: no step finished for %.0f s (train.step_timeout_seconds=%.0f) after step %d; %s. "
-                  "Stacks of every thread follow in the rank logs; exiting so the job ends",
-                  time.monotonic() - self.last, self.timeout, self.step, self.culprits())
+    def _fire(self, clock: _Clock) -> None:
+        after = "" if self.step is None else f" after step {self.step}"
+        log.error("watchdog: %s%s; %s. Stacks of every thread follow in the rank logs; exiting so the job ends",
+                  clock.describe(time.monotonic()), after, self.culprits())
         self.stack_file.write(f"--- watchdog: Python stacks of rank {self.rank} ---\n")
         self.stack_file.flush()
         faulthandler.dump_traceback(file=self.stack_file, all_threads=True)

@@ -157,7 +157,8 @@ def test_a_zero_that_would_divide_later_is_refused_at_load(override, key):
 def test_a_zero_with_a_documented_meaning_loads():
     zeros = ["eval.interval=0", "checkpoint.interval=0", "data.workers=0", "kernels.loss_chunk_tokens=0",
              "train.spike_factor=0", "train.grad_clip=0", "train.step_timeout_seconds=0", "train.warmup_steps=0",
-             "launch.max_restarts=0", "launch.slurm.cpus_per_node=0"]
+             "launch.max_restarts=0", "launch.slurm.cpus_per_node=0", "checkpoint.timeout_seconds=0",
+             "eval.timeout_seconds=0"]
     cfg = load_config(BASE, zeros)
     assert (cfg.eval.interval, cfg.checkpoint.interval, cfg.data.workers, cfg.train.spike_factor) == (0, 0, 0, 0)
 
@@ -185,7 +186,7 @@ def test_an_unknown_key_in_a_yaml_file_names_the_nearest_known_one(text, unknown
 def test_an_unknown_key_with_no_near_one_lists_the_keys_of_its_section():
     message = _refused(["checkpoint.zzz=1"])
     assert message == ("unknown config key 'checkpoint.zzz': the keys of [checkpoint] are interval, resume, keep, "
-                       "init_from, save_consolidated, continue_on_save_error")
+                       "init_from, save_consolidated, continue_on_save_error, timeout_seconds")
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -61,6 +61,7 @@ NOT_NEGATIVE = {
     "model.init_std", "kernels.loss_chunk_tokens", "data.workers", "eval.interval", "train.warmup_steps",
     "train.weight_decay", "train.grad_clip", "train.step_timeout_seconds", "train.spike_factor",
     "checkpoint.interval", "tracking.flush_seconds", "launch.max_restarts", "launch.slurm.cpus_per_node",
+    "checkpoint.timeout_seconds", "eval.timeout_seconds",
 }
 
 

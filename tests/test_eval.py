@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from foundry.data.stream import open_dataset
-from foundry.pretrain.checkpoint import full_weights, tag_for
+from foundry.pretrain.checkpoint import tag_for, verify
+from foundry.pretrain.reshard import full_weights
 from foundry.pretrain.config import load_config
 from foundry.pretrain.evaluate import eval_windows
 from foundry.pretrain.model import Llama
@@ -71,7 +72,8 @@ def test_a_checkpoint_has_the_same_validation_loss_under_every_layout(trained, n
 def test_perplexity_is_exp_of_the_mean_token_loss_over_exactly_the_configured_tokens(trained, val_shards):
     cfg = load_config([str(trained / "config.yaml")], [])
     model = Llama(cfg.model)
-    model.load_state_dict(full_weights(trained / "checkpoints" / tag_for(6), cfg.model.vocab_size, False))
+    tag_dir = trained / "checkpoints" / tag_for(6)
+    model.load_state_dict(full_weights(tag_dir, verify(tag_dir, {}), cfg.model.vocab_size, False))
     windows = eval_windows(open_dataset(str(val_shards)), SEQ, TOKENS)
     assert windows.shape == (TOKENS // SEQ, SEQ + 1)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from foundry.launch.slurm import LaunchError, render_script
-from foundry.pretrain.checkpoint import MARKER, tag_for
+from foundry.pretrain.checkpoint import MARKER, checksum, tag_for
 from foundry.pretrain.config import load_config
 from tests.conftest import data_args, foundry, torchrun
 
@@ -37,11 +37,11 @@ class Payload:
 
 
 def _plant(tag_dir: Path, name: str, marker: Path) -> None:
-    """Replace one file of a checkpoint by a payload that would create `marker`, and fix up the sizes its
-    COMPLETE.json records: whoever can write the files can write those too."""
+    """Replace one file of a checkpoint by a payload that would create `marker`, and fix up the size and checksum
+    its COMPLETE.json records: whoever can write the files can write those too."""
     torch.save({"state": Payload(f"touch {marker}")}, tag_dir / name)
     info = json.loads((tag_dir / MARKER).read_text())
-    info["files"][name] = (tag_dir / name).stat().st_size
+    info["files"][name] = list(checksum(tag_dir / name))
     (tag_dir / MARKER).write_text(json.dumps(info))
 
 
@@ -68,11 +68,11 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_the_payload_never
     assert not marker.exists()
 
 
-def test_generate_refuses_a_planted_layout_free_copy(saved, tmp_path):
+def test_generate_refuses_a_planted_optimizer_file(saved, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(saved, run_dir)
     marker = tmp_path / "PWNED"
-    _plant(run_dir / "checkpoints" / tag_for(2), "universal/tp00_pp00.pt", marker)
+    _plant(run_dir / "checkpoints" / tag_for(2), "zero_pp_rank_0_mp_rank_00_optim_states.pt", marker)  # weights
     proc = foundry(["generate", str(run_dir), "--prompt", "def "])
     assert proc.returncode == 2 and "that loading would have to run code for: refused" in proc.stderr
     assert not marker.exists()
