@@ -51,14 +51,27 @@ MARKER = "COMPLETE.json"
 REJECTED = ".rejected"  # suffix of a checkpoint set aside because it failed verification
 FORMAT = 2  # COMPLETE.json with checksums and per-rank records; format 1 (sizes only) still loads unresharded
 TAG = re.compile(r"step\d{8}")
+# The file in which DeepSpeed keeps the model-parallel rank's client state and LR schedule (ZeRO-3 names it per rank).
+MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as a whole; the message names the missing piece."""
+    """A checkpoint that cannot be loaded as a whole; the message names the missing piece. `damaged`: its files
+    are missing or differ from what was written (a resume sets it aside and falls back), rather than unreadable
+    now (a resume stops: a file system's passing trouble must not discard a good checkpoint)."""
+
+    def __init__(self, message: str, damaged: bool = False):
+        super().__init__(message)
+        self.damaged = damaged
 
 
 class SaveError(RuntimeError):
-    """A save that failed on some rank (disk full, no permission); the previous checkpoint is untouched."""
+    """A save that failed on some rank (disk full, no permission); the previous checkpoint is untouched. `short`:
+    what failed, without the advice; `fatal`: the ranks could not agree (a peer is gone), so no setting trains on."""
+
+    def __init__(self, short: str, advice: str = "", fatal: bool = False):
+        super().__init__(short + advice)
+        self.short, self.fatal = short, fatal
 
 
 def tag_for(step: int) -> str:
@@ -175,7 +188,7 @@ class HostCopies:
         return True
 
     def is_data_parallel_writer(self, dp_rank: int) -> bool:
-        return dp_rank == 0
+        return dp_rank == 0  # never asked: DeepSpeed decides this at initialisation, before `install`
 
     def is_decoupled(self) -> bool:
         return False
@@ -266,9 +279,9 @@ class BackgroundSave:
         try:
             files, problem = self._write()
             self._seal(files, problem)
-        except Exception as e:  # noqa: BLE001 - a lost peer (the collective fails): the job is ending anyway
-            self.error = SaveError(f"checkpoint {self.tag_dir.name} was not saved: {type(e).__name__}: "
-                                   f"{first_line(e)}")
+        except Exception as e:  # noqa: BLE001 - only the collectives raise here: a peer is gone
+            self.error = SaveError(f"checkpoint {self.tag_dir.name} was not saved: the ranks could not agree on it "
+                                   f"({type(e).__name__}: {first_line(e)})", fatal=True)
         finally:
             self.writes = []  # frees the host copies
 
@@ -282,9 +295,7 @@ class BackgroundSave:
                     os.fsync(f.fileno())
                 files[str(path.relative_to(self.tag_dir))] = list(checksum(path))
             except Exception as e:  # noqa: BLE001 - any failure must reach _seal, or the other ranks wait there for ever
-                where = path.parent if path.parent.exists() else self.tag_dir.parent
-                free = shutil.disk_usage(where).free if where.exists() else 0
-                return files, f"writing {path}: {type(e).__name__}: {first_line(e)} ({free / 2**20:.1f} MiB free there)"
+                return files, f"writing {path}: {type(e).__name__}: {first_line(e)} ({_free(path)} there)"
         try:
             for d in {path.parent for path, _ in self.writes} | {self.tag_dir.parent}:
                 fsync_dir(d)  # the files' names survive a power cut too
@@ -307,18 +318,21 @@ class BackgroundSave:
                 shutil.rmtree(self.tag_dir, ignore_errors=True)  # frees what it took: the disk may be the full one
             rank, first = verdict[0][0]
             previous = find_latest(self.tag_dir.parent)
-            self.error = SaveError(f"checkpoint {self.tag_dir.name} was not saved: rank {rank}: {first}; "
-                                   f"{'the previous checkpoint ' + previous if previous else 'no earlier checkpoint'}"
-                                   f" is still the one a resume loads; free space or fix permissions in "
-                                   f"{self.tag_dir.parent}, or set checkpoint.continue_on_save_error=true to train "
-                                   f"on without saving")
+            self.error = SaveError(
+                f"checkpoint {self.tag_dir.name} was not saved: rank {rank}: {first}; "
+                f"{'the previous checkpoint ' + previous if previous else 'no earlier checkpoint'} is still the one a "
+                f"resume loads", f"; free space or fix permissions in {self.tag_dir.parent}, or set "
+                f"checkpoint.continue_on_save_error=true to train on without saving")
             return
         if self.rank == 0:  # sealed: nothing below may fail the save on one rank only
             total = sum(size for rec in ranks for size, _ in rec["sizes"].values())
             log.info("checkpoint %s saved: %d files, %.1f MiB, durable %.1f s after the save began (%d kept)",
                      self.tag_dir, sum(len(rec["files"]) for rec in ranks), total / 2**20,
                      time.monotonic() - self.started, self.keep)
-            _prune(self.tag_dir.parent, self.keep, newest=self.tag_dir.name)
+            try:
+                _prune(self.tag_dir.parent, self.keep, newest=self.tag_dir.name)
+            except OSError as e:
+                log.warning("could not remove old checkpoints in %s: %s", self.tag_dir.parent, first_line(e))
 
     def _mark(self, ranks: list[dict[str, Any]]) -> list[tuple[int, str]]:
         """Rank 0: the marker (every rank's files, sizes, checksums and records), then the pointer."""
@@ -329,9 +343,16 @@ class BackgroundSave:
         try:
             write_atomic(self.tag_dir / MARKER, json.dumps(marker, indent=1))
             write_atomic(self.tag_dir.parent / POINTER, self.tag_dir.name)
-        except OSError as e:
-            return [(0, f"writing {self.tag_dir / MARKER}: {first_line(e)}")]
+        except Exception as e:  # noqa: BLE001 - every rank waits for this verdict: it must be sent
+            return [(0, f"writing {self.tag_dir / MARKER}: {type(e).__name__}: {first_line(e)}")]
         return []
+
+
+def _free(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path.parent if path.parent.exists() else path.parent.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
@@ -343,6 +364,7 @@ def _prune(ckpt_dir: Path, keep: int, newest: str) -> None:
     keep_tags = set(complete[-keep:]) | {newest}
     for t in tags:
         if t not in keep_tags and t < newest:  # partial saves newer than the pointer may be in flight elsewhere
+            (ckpt_dir / t / MARKER).unlink(missing_ok=True)  # first: a crash part-way leaves an unmarked directory
             shutil.rmtree(ckpt_dir / t, ignore_errors=True)
 
 
@@ -370,10 +392,7 @@ def damage(tag_dir: Path, info: dict[str, Any], share: tuple[int, int] = (0, 1))
         path = tag_dir / name
         if not path.is_file():
             return f"checkpoint {tag_dir} is missing {name}"
-        try:
-            found = checksum(path) if crc is not None else (path.stat().st_size, None)
-        except OSError as e:
-            return f"checkpoint {tag_dir}: {name} cannot be read ({first_line(e)})"
+        found = checksum(path) if crc is not None else (path.stat().st_size, None)  # OSError: unreadable, not damaged
         if found[0] != size:
             return f"checkpoint {tag_dir}: {name} has {found[0]} bytes, {size} were written"
         if found[1] != crc:
@@ -394,19 +413,28 @@ def verify(tag_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     info = read_marker(tag_dir)
     problem = damage(tag_dir, info)
     if problem:
-        raise CheckpointError(problem + DAMAGED)
+        raise CheckpointError(problem + DAMAGED, damaged=True)
     check_identity(tag_dir, info, identity)
     return info
 
 
 def verify_together(tag_dir: Path, group: Any) -> dict[str, Any]:
-    """Collective over `group`: `verify` with the reading shared out among its ranks."""
-    info = read_marker(tag_dir)
-    problems: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(problems, damage(tag_dir, info, (dist.get_rank(group), len(problems))), group=group)
-    problem = next((p for p in problems if p), None)
+    """Collective over `group`: the marker of a complete checkpoint whose files are whole, the reading shared out
+    among its ranks (the model and layout are `load`'s to check); CheckpointError otherwise, on every rank."""
+    world = dist.get_world_size(group)
+    try:
+        info = read_marker(tag_dir)
+        mine = (damage(tag_dir, info, (dist.get_rank(group), world)), True)
+    except (CheckpointError, OSError) as e:  # sent all the same: every rank must reach the all_gather
+        info, mine = {}, (f"{tag_dir}: {first_line(e)}", False)
+    problems: list[tuple[str | None, bool] | None] = [None] * world
+    dist.all_gather_object(problems, mine, group=group)
+    unreadable = next((p for p, readable in problems if not readable), None)
+    if unreadable:
+        raise CheckpointError(f"{unreadable}: cannot be read now; fix the file system and resume again")
+    problem = next((p for p, _ in problems if p), None)
     if problem:
-        raise CheckpointError(problem + DAMAGED)
+        raise CheckpointError(problem + DAMAGED, damaged=True)
     return info
 
 
@@ -414,10 +442,15 @@ def choose(ckpt_dir: Path, group: Any) -> str | None:
     """Collective over `group`: the newest complete checkpoint whose files are all whole (the ranks share the
     reading), None when no save has completed. One that fails is set aside with one line naming what is wrong, and
     the next older one tried; when none passes, CheckpointError."""
-    for tag in complete_tags(ckpt_dir):
+    # Rank 0 lists them for all: file systems shared by many nodes may show each node a different listing for a while.
+    tags = [complete_tags(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(tags, src=0, group=group)
+    for tag in tags[0]:
         try:
             verify_together(ckpt_dir / tag, group)
         except CheckpointError as e:
+            if not e.damaged:
+                raise
             if dist.get_rank() == 0:
                 aside = _set_aside(ckpt_dir / tag)
                 log.error("%s; set aside as %s, falling back to the checkpoint before it", str(e).removesuffix(DAMAGED),
@@ -465,20 +498,18 @@ def find_latest(ckpt_dir: Path) -> str | None:
 
 
 def load(engine: Any, tag_dir: Path, info: dict[str, Any], identity: dict[str, Any],
-         reshard: Callable[[Path, dict[str, Any]], None]) -> dict[str, Any]:
+         reshard: Callable[[Path, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
     """Collective: restore model, optimizer, schedule and this rank's RNG from the verified checkpoint `tag_dir`
     (marker `info`); return the client state. A checkpoint of the same model written under another layout or ZeRO
-    stage goes through `reshard(tag_dir, info)`, which reads the per-rank files it needs and re-cuts them."""
+    stage goes through `reshard(tag_dir, info)`, which reads the per-rank files it needs, re-cuts them, and returns
+    the client state."""
     check_identity(tag_dir, info, {"model": identity["model"]})
     if info["identity"] != identity:
         if "ranks" not in info:
             check_identity(tag_dir, info, identity)  # raises, naming what differs
         log.info("resharding %s: written under %s ZeRO-%s, loading under %s ZeRO-%s", tag_dir,
                  info["identity"]["layout"], info["identity"]["zero_stage"], identity["layout"], identity["zero_stage"])
-        reshard(tag_dir, info)
-        states = next(f for f in info["ranks"][0]["files"] if MODEL_STATES.fullmatch(f))
-        return {k: v for k, v in safe_load(tag_dir / states).items()
-                if k in ("step", "tokens", "data", "config", "guard")}
+        return reshard(tag_dir, info)
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}: see the log above")
@@ -487,6 +518,3 @@ def load(engine: Any, tag_dir: Path, info: dict[str, Any], identity: dict[str, A
         _set_rng_state(safe_load(rng))
     return client_state
 
-
-# The file in which DeepSpeed keeps the model-parallel rank's client state and LR schedule (ZeRO-3 names it per rank).
-MODEL_STATES = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")

@@ -54,9 +54,9 @@ class Checkpointer:
         self.config_yaml = to_yaml(run.cfg)  # recorded whole in each save, as config.yaml records it
         checkpoint.install(run.engine)
         # The background writes agree over a group of their own: gloo (host memory), never training's collectives.
-        # A rank may wait there for a slower peer's write as long as a save may take (the watchdog's limit).
-        limit = checkpoint_cfg.timeout_seconds or 7 * 86400
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=limit))
+        # A fast rank may wait there for a slow node's write while training goes on, which the watchdog does not time:
+        # no timeout of its own (a week), or a slow write would fail a good save.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
         self.pending: checkpoint.BackgroundSave | None = None
         # What a checkpoint must match to be loaded exactly (as it reads back from JSON).
         self.identity = json.loads(json.dumps({"model": dataclasses.asdict(model),
@@ -119,9 +119,9 @@ class Checkpointer:
         try:
             pending.wait()
         except checkpoint.SaveError as e:
-            if not self.cfg.continue_on_save_error:
+            if e.fatal or not self.cfg.continue_on_save_error:
                 raise
-            log.error("%s; training on (checkpoint.continue_on_save_error=true)", str(e).split("; free space")[0])
+            log.error("%s; training on (checkpoint.continue_on_save_error=true)", e.short)
 
     def save_consolidated(self) -> None:
         """The whole model as a plain fp32 state dict in RUN_DIR/model.pt (gathered on rank 0)."""
@@ -132,7 +132,13 @@ class Checkpointer:
             torch.save(full, path)
             log.info("wrote the unsharded fp32 model to %s", path)
 
-    def _reshard(self, tag_dir: Path, info: dict[str, Any]) -> None:
+    @property
+    def writing(self) -> int | None:
+        """The step whose checkpoint is being written in the background, if any."""
+        return self.pending.step if self.pending else None
+
+    def _reshard(self, tag_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
         run = self.run
-        reshard.load_resharded(run.engine, tag_dir, info, run.plain_names, run.topology.tp_rank, run.layout.tp,
-                               self.model.vocab_size)
+        saved = reshard.load_resharded(run.engine, tag_dir, info, run.plain_names, run.topology.tp_rank,
+                                       run.layout.tp, self.model.vocab_size)
+        return {key: saved[key] for key in ("step", "tokens", "config", *self.components) if key in saved}

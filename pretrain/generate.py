@@ -1,7 +1,8 @@
 """Text from a checkpoint, for eyeballing a run: greedy or sampled (temperature, top-p), with a KV cache.
 
-`foundry generate CHECKPOINT --prompt TEXT` loads the checkpoint's layout-free weights and the
-tokenizer saved with it into one plain `Llama` on this machine (CPU or GPU): no process group.
+`foundry generate CHECKPOINT --prompt TEXT` joins the checkpoint's weights from its per-rank files
+(pretrain/reshard.py, any layout) into one plain `Llama` on this machine (CPU or GPU), with the tokenizer
+saved with it: no process group.
 """
 
 from __future__ import annotations

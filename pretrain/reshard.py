@@ -259,12 +259,13 @@ class _Checkpoint:
 
 
 def load_resharded(engine: Any, tag_dir: Path, marker: dict[str, Any], names: dict[int, str], tp_rank: int, tp: int,
-                   vocab_size: int) -> None:
+                   vocab_size: int) -> dict[str, Any]:
     """Set the fp32 master weights and the module's own parameters, AdamW's moments and step count, and the LR
     schedule of `engine` (ZeRO 1, 2 or 3; fp32, or bf16 with BF16_Optimizer; any tp/pp/dp) from a checkpoint
     written under another layout (`marker`: its COMPLETE.json). `names`: id(parameter) -> plain model name.
     Reads only the files of writer ranks holding parameters this rank needs; collective-free. AdamW's step count
-    is the saved optimizer's (the training step minus the steps skipped)."""
+    is the saved optimizer's (the training step minus the steps skipped). Returns rank 0's model-states file, which
+    holds the client state."""
     ckpt = _Checkpoint(tag_dir, marker)
     target = _Target(engine)
     params = {names[id(p)]: p for p in engine.module.parameters()}
@@ -283,6 +284,7 @@ def load_resharded(engine: Any, tag_dir: Path, marker: dict[str, Any], names: di
     # DeepSpeed's own counters, as its load_checkpoint restores them.
     engine.global_steps, engine.skipped_steps = saved["global_steps"], saved["skipped_steps"]
     engine.global_samples = saved.get("global_samples", engine.global_steps * engine.train_batch_size())
+    return saved
 
 
 class _Target:

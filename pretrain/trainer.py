@@ -72,18 +72,21 @@ def train(cfg: RunConfig) -> None:
                     results = evaluator.run(run.engine, run.loss_fn)
                 reporter.evaluated(step, results)
             if checkpointer.due(step, last):
+                if checkpointer.writing is not None:  # the previous save's write, timed as itself
+                    with saving("writing", checkpointer.writing):
+                        checkpointer.wait()
                 with saving("saving", step):
                     checkpointer.save(step, reporter.notes())  # the notes name the MLflow run a resume continues
             if stopped_by:
                 break
-        with saving("writing", step):
+        with saving("writing", checkpointer.writing or step):
             checkpointer.wait()  # the last save is on disk and marked complete
-    except (TooManyBadSteps, SaveError) as e:  # a relaunch would meet them again
-        reporter.failed(step, reason=str(e))
-        raise
     except BaseException as e:
-        watchdog.explain(e)  # a peer died or went silent: say which, from the watchdog's records
-        reporter.crashed()
+        if isinstance(e, TooManyBadSteps) or isinstance(e, SaveError) and not e.fatal:  # a relaunch meets them again
+            reporter.failed(step, reason=str(e))
+        else:
+            watchdog.explain(e)  # a peer died or went silent: say which, from the watchdog's records
+            reporter.crashed()
         raise
     finally:
         batches.close()

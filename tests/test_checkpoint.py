@@ -112,7 +112,7 @@ def test_only_the_newest_complete_checkpoints_are_kept(killed_run):
 
 
 def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shards):
-    """Resharding through the checkpoint's layout-free copy: (tp,pp,dp) = (2,1,2) -> (1,2,2) and (1,1,1)."""
+    """Resharding from the checkpoint's per-rank files: (tp,pp,dp) = (2,1,2) -> (1,2,2) and (1,1,1)."""
     common = [*COMMON, *data_args(stdlib_shards)]
     torchrun(4, [*common, "parallel.tensor=2", f"train.run_dir={tmp_path / 'straight'}"])
     straight = {m["step"]: m for m in read_metrics(tmp_path / "straight")}
@@ -130,8 +130,8 @@ def test_a_tp2_dp2_checkpoint_resumes_under_other_layouts(tmp_path, stdlib_shard
 
 
 def test_a_bf16_checkpoint_resumes_under_another_layout(tmp_path, stdlib_shards):
-    """bf16 under ZeRO-1 runs DeepSpeed's BF16_Optimizer (fp32 gradient sums), whose fp32 partitions the
-    layout-free copy is loaded into: dp 2 -> one process. bf16 is emulated on the CPU; the sums' order changes
+    """bf16 under ZeRO-1 runs DeepSpeed's BF16_Optimizer (fp32 gradient sums), whose files are read and whose fp32
+    partitions are loaded into: dp 2 -> one process. bf16 is emulated on the CPU; the sums' order changes
     with dp, so losses agree to bf16's precision, not bitwise."""
     common = [*COMMON, *data_args(stdlib_shards), "train.precision=bf16"]
     torchrun(2, [*common, f"train.run_dir={tmp_path / 'straight'}"])
@@ -223,9 +223,10 @@ def loadable(ckpt: Path) -> str:
     return tag
 
 
-@pytest.mark.parametrize("point, rank", [("write", 1), ("file", 1), ("seal", 1), ("mark", 0), ("pointer", 0)],
-                         ids=["before-write", "mid-write", "written-before-agreeing", "agreed-before-marker",
-                              "marker-before-pointer"])
+# Three points of the save (before, during and after its write, before the marker); the marker-before-pointer case
+# is test_keep_counts_only_checkpoints_a_resume_can_load's (a resume never goes past the pointer).
+@pytest.mark.parametrize("point, rank", [("write", 1), ("file", 1), ("seal", 1)],
+                         ids=["before-write", "mid-write", "written-before-agreeing"])
 def test_one_rank_killed_in_a_save_resumes_from_the_previous_checkpoint_bitwise(tmp_path, stdlib_shards, uninterrupted,
                                                                                  point, rank):
     """kill -9 of one rank (not the job) while the background save of step 5 is at `point` on that rank: the job
